@@ -1,0 +1,61 @@
+import pytest
+
+from uda.config import dump_config, load_config, parse_opts
+from uda.errors import ConfigError
+
+DEFAULTS = {
+    "seed": 0,
+    "optim": {"lr": 3.5e-4, "milestones": [40, 70], "name": "adam"},
+    "model": {"backbone": "resnet50", "pretrained": None, "bnneck": True},
+}
+
+
+def test_defaults_yaml_and_opts_override_in_order(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  lr: 0.01\n  milestones: [10, 20]\nseed: 3\n")
+    cfg = load_config(DEFAULTS, path, ["optim.lr=1e-3", "model.backbone=resnet18", "model.pretrained=/w.pth"])
+    assert cfg.seed == 3
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.optim.milestones == [10, 20]
+    assert cfg.model.backbone == "resnet18"
+    assert cfg.model.pretrained == "/w.pth"
+    assert cfg.model.bnneck is True
+    assert DEFAULTS["optim"]["lr"] == 3.5e-4  # defaults untouched
+
+
+def test_int_accepted_for_float_and_converted():
+    cfg = load_config(DEFAULTS, opts=["optim.lr=1"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "opt, message",
+    [
+        ("optim.lrr=0.1", "did you mean 'optim.lr'"),
+        ("optim.lr=fast", "expects float"),
+        ("model.bnneck=1", "expects bool"),
+        ("seed=true", "expects int"),
+        ("optim=3", "is a section"),
+        ("seed", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_problem(opt, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEFAULTS, opts=[opt])
+
+
+def test_unknown_key_in_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  backbone: resnet18\n  dropout: 0.5\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.dropout'"):
+        load_config(DEFAULTS, path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(DEFAULTS, tmp_path / "missing.yaml")
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(DEFAULTS, opts=["optim.milestones=[5, 9]"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(DEFAULTS, tmp_path / "config.yaml")
+    assert again == cfg
+    assert parse_opts(["a.b.c=2"]) == {"a": {"b": {"c": 2}}}

@@ -1,0 +1,50 @@
+"""The records every dataset parser produces, and the checks they share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a split.
+
+    pid: train split: relabelled 0..N-1; query/gallery: the original id (0 = distractor).
+    camid: 0-based camera index.
+    orig_pid: the id as written in the file name, kept for diagnostics (e.g. scoring pseudo-labels).
+    """
+
+    path: str
+    pid: int
+    camid: int
+    orig_pid: int
+
+
+@dataclass
+class ReIDDataset:
+    """A parsed dataset: three splits of records plus what the parser dropped."""
+
+    name: str
+    root: Path
+    train: list[ImageRecord]
+    query: list[ImageRecord]
+    gallery: list[ImageRecord]
+    dropped: dict[str, int] = field(default_factory=dict)  # e.g. {"gallery_junk": 2798}
+
+    @property
+    def num_train_pids(self) -> int:
+        return len({r.pid for r in self.train})
+
+    @property
+    def num_train_cams(self) -> int:
+        return len({r.camid for r in self.train})
+
+    def summary(self) -> str:
+        def ids(split: list[ImageRecord]) -> int:
+            return len({r.pid for r in split})
+
+        rows = [f"{self.name} ({self.root})", "  split   | ids   | images"]
+        for split_name in ("train", "query", "gallery"):
+            split = getattr(self, split_name)
+            rows.append(f"  {split_name:<7} | {ids(split):>5} | {len(split):>6}")
+        return "\n".join(rows)

@@ -1,0 +1,67 @@
+"""Multi-GPU is torchrun + DistributedDataParallel, nothing else: `torchrun --nproc_per_node 4 uda/pretrain.py ...`.
+
+Each process trains on its own share of the P x K batches; the main process evaluates, logs and
+writes checkpoints while the others wait at a barrier.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group when launched by torchrun (env WORLD_SIZE > 1); a no-op otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def pick_device(info: DistInfo, requested: str = "auto") -> torch.device:
+    """'auto' -> this process's GPU when there is one, else the CPU."""
+    if requested == "auto":
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, sync_bn: bool) -> torch.nn.Module:
+    """DDP around the model when distributed (SyncBatchNorm optionally), the model itself otherwise."""
+    if not info.enabled:
+        return model
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [info.local_rank] if torch.cuda.is_available() else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,144 @@
+"""The one training engine both stages share: lr schedule, seeding, the step loop, the epoch loop with
+evaluation, atomic checkpoints and resume.
+
+pretrain.py and adapt.py differ only in what one epoch does (adapt.py clusters first) and in the
+losses of one step; both hand those to `fit` as plain functions.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from uda.errors import UdaError
+from uda.runlog import RunDir
+
+
+@dataclass
+class Schedule:
+    """Per-epoch learning rate: linear warmup, then step decay (x gamma at each milestone) or cosine."""
+
+    base_lr: float = 3.5e-4
+    warmup_epochs: int = 10
+    warmup_from: float = 3.5e-5
+    milestones: tuple[int, ...] = (40, 70)
+    gamma: float = 0.1
+    kind: str = "step"  # "step" | "cosine"
+    epochs: int = 120
+
+    def lr(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup_from + (self.base_lr - self.warmup_from) * epoch / self.warmup_epochs
+        if self.kind == "step":
+            return self.base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.kind == "cosine":
+            span = max(1, self.epochs - self.warmup_epochs)
+            return 0.5 * self.base_lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
+        raise UdaError(f"unknown lr schedule '{self.kind}'; use 'step' or 'cosine'")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The lr is a pure function of the epoch, so resuming needs no scheduler state beyond the epoch."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def seed_everything(seed: int, epoch: int = 0) -> None:
+    """Seed python, numpy and torch from (seed, epoch): each epoch starts from a state that a resumed run
+    reproduces exactly, without pickling RNG states."""
+    value = (seed * 100_003 + epoch) % 2**31
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+@dataclass
+class CenterStep:
+    """The center loss's own optimizer (SGD, lr 0.5) and its loss weight, stepped after each backward."""
+
+    loss: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    weight: float
+
+
+def train_steps(
+    batches: Iterable,
+    compute_losses: Callable[[object], dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    num_steps: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    center: CenterStep | None = None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """Run the optimisation steps of one epoch; return the mean of each named loss.
+
+    `compute_losses(batch)` returns named scalar losses (already weighted); their sum is minimised.
+    A non-finite loss stops the run with a message instead of silently corrupting the weights.
+    """
+    sums: dict[str, float] = {}
+    steps = 0
+    progress = tqdm(batches, total=num_steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    for batch in progress:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            losses = compute_losses(batch)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise UdaError(
+                f"non-finite loss at step {steps} of {desc} ({detail}); lower optim.lr, check the data, "
+                "or resume from the last checkpoint"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if center is not None:
+            center.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if center is not None:
+            from uda.losses import center_optimizer_step
+
+            center_optimizer_step(center.loss, center.optimizer, center.weight)
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+        steps += 1
+        progress.set_postfix(loss=f"{total.item():.3f}")
+    if steps == 0:
+        raise UdaError(f"{desc}: the loader yielded no batch; the training split is smaller than one P x K batch")
+    return {name: value / steps for name, value in sums.items()}
+
+
+def fit(
+    run: RunDir,
+    *,
+    start_epoch: int,
+    epochs: int,
+    train_epoch: Callable[[int], dict[str, float]],
+    evaluate: Callable[[int], dict[str, dict[str, float]]],
+    eval_every: int,
+    checkpoint_state: Callable[[int], dict],
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """The epoch loop. Each epoch: reseed, train, evaluate every `eval_every` epochs and at the last,
+    then checkpoint atomically. Returns the last evaluation's metrics (never a best-epoch pick)."""
+    last_metrics: dict[str, dict[str, float]] = {}
+    for epoch in range(start_epoch, epochs):
+        seed_everything(seed, epoch)
+        losses = train_epoch(epoch)
+        run.scalars(losses, epoch + 1, prefix="train/")
+        run.log(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            last_metrics = evaluate(epoch)
+            run.log_metrics(epoch + 1, last_metrics)
+            for set_name, m in last_metrics.items():
+                run.log(
+                    f"epoch {epoch + 1} {set_name}: mAP {m['mAP']:.2%} rank-1 {m['rank1']:.2%} "
+                    f"rank-5 {m['rank5']:.2%} rank-10 {m['rank10']:.2%} mINP {m['mINP']:.2%}"
+                )
+        run.save_checkpoint(checkpoint_state(epoch + 1))
+    return last_metrics

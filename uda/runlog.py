@@ -1,0 +1,145 @@
+"""The run folder: resolved config, code version, log.txt, metrics.jsonl, TensorBoard events, checkpoints.
+
+Everything a reader needs to trust or reproduce a number lives in one folder. Only the main process
+of a distributed run writes; the others get a RunDir whose writers are silent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uda.config import Config, dump_config
+from uda.errors import UdaError
+
+LAST_CHECKPOINT = "last.pth"
+
+
+def code_version() -> str:
+    """The git commit of the checkout (with '+dirty' when it has local changes), or 'unknown'."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a killed run never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    return value
+
+
+class RunDir:
+    """One experiment's folder. `resume=False` refuses to overwrite a folder that already holds a run."""
+
+    def __init__(self, path: str | Path, cfg: Config, resume: bool = False, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main
+        self.logger = logging.getLogger(f"uda.run.{self.path}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        self.writer = None
+        if not is_main:
+            return
+        if (self.path / LAST_CHECKPOINT).exists() and not resume:
+            raise UdaError(
+                f"{self.path} already holds a run; pass --resume to continue it or choose another --output-dir"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.path / "config.yaml")
+        (self.path / "version.txt").write_text(
+            f"commit: {code_version()}\ntorch: {torch.__version__}\npython: {sys.version.split()[0]}\n"
+            f"command: {' '.join(sys.argv)}\n"
+        )
+        if not self.logger.handlers:
+            fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+            for handler in (logging.FileHandler(self.path / "log.txt"), logging.StreamHandler(sys.stdout)):
+                handler.setFormatter(fmt)
+                self.logger.addHandler(handler)
+        from tensorboardX import SummaryWriter  # imported here: only the main process writes events
+
+        self.writer = SummaryWriter(str(self.path / "tb"))
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            self.logger.info(message)
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        """TensorBoard scalars, e.g. losses per epoch under 'train/'."""
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}{name}", float(value), step)
+        self.writer.flush()
+
+    def log_metrics(self, epoch: int, metrics: dict[str, dict[str, Any]]) -> None:
+        """One JSON line per evaluation: {"epoch": e, "<set>": {"mAP": .., "rank1": ..}, ...}, plus TensorBoard."""
+        if not self.is_main:
+            return
+        record = {"epoch": epoch}
+        for set_name, values in metrics.items():
+            record[set_name] = {k: _json_value(v) for k, v in values.items()}
+            scalar = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+            self.scalars(scalar, epoch, prefix=f"{set_name}/")
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, state: dict, name: str = LAST_CHECKPOINT) -> None:
+        if self.is_main:
+            atomic_save(state, self.path / name)
+
+    def load_checkpoint(self, name: str = LAST_CHECKPOINT) -> dict | None:
+        """The checkpoint to resume from, or None when the folder has none yet (a fresh start)."""
+        path = self.path / name
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a checkpoint is written atomically, so this is outside damage
+            raise UdaError(f"cannot read checkpoint {path} ({exc}); delete it to restart the run") from None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        for handler in list(self.logger.handlers):
+            handler.close()
+            self.logger.removeHandler(handler)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All evaluation records of a run folder's metrics.jsonl, in order."""
+    path = Path(path)
+    file = path / "metrics.jsonl" if path.is_dir() else path
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
