@@ -29,7 +29,7 @@ class ReIDDataset:
     train: list[ImageRecord]
     query: list[ImageRecord]
     gallery: list[ImageRecord]
-    dropped: dict[str, int] = field(default_factory=dict)  # e.g. {"gallery_junk": 2798}
+    dropped: dict[str, int] = field(default_factory=dict)  # e.g. {"gallery_junk": 3819} (Market)
 
     @property
     def num_train_pids(self) -> int:

@@ -1,0 +1,17 @@
+"""Fixtures shared by several test modules."""
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_data_root() -> Path:
+    """The folder $UDA_REAL_DATA names (holding Market-1501-v15.09.15, DukeMTMC-reID); skip when absent."""
+    value = os.environ.get("UDA_REAL_DATA")
+    if not value:
+        pytest.skip("UDA_REAL_DATA is not set: it names the folder that holds the real datasets")
+    root = Path(value)
+    if not root.is_dir():
+        pytest.skip(f"UDA_REAL_DATA={value} is not a folder")
+    return root

@@ -1,0 +1,181 @@
+"""Values of the three strong-baseline losses against hand-computed and brute-force answers."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uda.errors import ConfigError
+from uda.losses import CenterLoss, center_optimizer_step, cross_entropy_label_smooth, triplet_loss
+
+
+# ---------------------------------------------------------------- label-smoothed cross-entropy
+
+def test_label_smoothing_three_classes_by_hand():
+    # logits (1, 2, 3), true class 0, eps 0.3 -> q = (0.8, 0.1, 0.1).
+    # loss = -sum_c q_c log p_c = logsumexp(z) - sum_c q_c z_c = LSE - (0.8 + 0.2 + 0.3)
+    lse = math.log(math.exp(1) + math.exp(2) + math.exp(3))
+    expected_row0 = lse - 1.3
+    # second row: logits (0, 0, 0), true class 2: uniform p, loss = log 3 whatever q is
+    expected = (expected_row0 + math.log(3)) / 2
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    loss = cross_entropy_label_smooth(logits, torch.tensor([0, 2]), epsilon=0.3)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_smoothing_matches_smoothed_target_formula_on_random_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, dtype=torch.float64)
+    targets = torch.tensor([0, 4, 2, 2, 1, 3])
+    eps, num_classes = 0.1, 5
+    q = torch.full((6, num_classes), eps / num_classes, dtype=torch.float64)
+    q[torch.arange(6), targets] += 1 - eps
+    expected = -(q * logits.log_softmax(1)).sum(1).mean()
+    assert cross_entropy_label_smooth(logits, targets, eps).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_label_smoothing_eps_zero_is_plain_cross_entropy():
+    torch.manual_seed(1)
+    logits, targets = torch.randn(8, 7), torch.randint(0, 7, (8,))
+    plain = -logits.log_softmax(1)[torch.arange(8), targets].mean()
+    assert cross_entropy_label_smooth(logits, targets, epsilon=0.0).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_label_smoothing_rejects_epsilon_one():
+    with pytest.raises(ConfigError, match="epsilon"):
+        cross_entropy_label_smooth(torch.zeros(2, 3), torch.tensor([0, 1]), epsilon=1.0)
+
+
+# ---------------------------------------------------------------- batch-hard triplet
+
+def brute_force_triplet(features, targets, margin, soft_margin):
+    """Double loop over anchors and candidates; anchors without a positive or negative skipped."""
+    per_anchor = []
+    for a in range(len(targets)):
+        pos = [torch.linalg.norm(features[a] - features[p]) for p in range(len(targets))
+               if p != a and targets[p] == targets[a]]
+        neg = [torch.linalg.norm(features[a] - features[n]) for n in range(len(targets))
+               if targets[n] != targets[a]]
+        if not pos or not neg:
+            continue
+        gap = max(pos, key=lambda d: d.item()) - min(neg, key=lambda d: d.item())
+        per_anchor.append(F.softplus(gap) if soft_margin else F.relu(gap + margin))
+    return torch.stack(per_anchor).mean()
+
+
+@pytest.mark.parametrize("soft_margin", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triplet_matches_brute_force_value_and_gradient(soft_margin, normalize):
+    torch.manual_seed(2)
+    num_ids, k = 4, 3
+    targets = torch.arange(num_ids).repeat_interleave(k)[torch.randperm(num_ids * k)]
+    targets = torch.cat([targets, torch.tensor([9])])  # a singleton id: no positive, left out
+    features = (torch.randn(len(targets), 8, dtype=torch.float64) * 0.3).requires_grad_()
+
+    loss = triplet_loss(features, targets, margin=0.3, soft_margin=soft_margin, normalize=normalize)
+    (grad,) = torch.autograd.grad(loss, features)
+
+    reference_features = F.normalize(features, dim=1) if normalize else features
+    expected = brute_force_triplet(reference_features, targets, 0.3, soft_margin)
+    (expected_grad,) = torch.autograd.grad(expected, features)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(grad.double(), expected_grad, atol=1e-5)
+    assert loss.item() > 0
+
+
+def test_triplet_margin_arithmetic_on_four_points():
+    # 1-d points 0, 1 (id 0) and 3, 6 (id 1); (d_ap, d_an) per anchor: (1, 3), (1, 2), (3, 2), (3, 5)
+    features = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
+    targets = torch.tensor([0, 0, 1, 1])
+    gaps = [1 - 3, 1 - 2, 3 - 2, 3 - 5]
+    hinge = sum(max(g + 0.3, 0.0) for g in gaps) / 4  # only anchor 2 is active: 1.3 / 4
+    soft = sum(math.log1p(math.exp(g)) for g in gaps) / 4
+    assert hinge == pytest.approx(0.325)
+    assert triplet_loss(features, targets, margin=0.3).item() == pytest.approx(hinge, rel=1e-5)
+    assert triplet_loss(features, targets, soft_margin=True).item() == pytest.approx(soft, rel=1e-5)
+
+
+def test_triplet_anchor_without_positive_is_excluded_from_mean():
+    # ids 0, 0, 1: anchor 2 has no positive. Anchors 0, 1: d_ap = 1, d_an = 2 and 1.
+    features = torch.tensor([[0.0], [1.0], [2.0]])
+    loss = triplet_loss(features, torch.tensor([0, 0, 1]), margin=0.5)
+    assert loss.item() == pytest.approx((0.0 + 0.5) / 2, rel=1e-5)
+
+
+def test_triplet_without_any_triplet_is_zero_and_differentiable():
+    features = torch.randn(4, 3, requires_grad=True)
+    for targets in (torch.tensor([0, 1, 2, 3]), torch.tensor([5, 5, 5, 5])):
+        loss = triplet_loss(features, targets)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert torch.equal(features.grad, torch.zeros_like(features))
+
+
+def test_triplet_is_zero_when_ids_are_far_apart():
+    torch.manual_seed(3)
+    centers = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    targets = torch.arange(3).repeat_interleave(4)
+    features = centers[targets] + 0.1 * torch.randn(12, 2)
+    assert triplet_loss(features, targets, margin=0.3).item() == 0.0
+
+
+def test_triplet_gradients_finite_on_duplicate_features():
+    features = torch.ones(4, 16, requires_grad=True)
+    targets = torch.tensor([0, 0, 1, 1])
+    for soft_margin in (False, True):
+        loss = triplet_loss(features, targets, margin=0.3, soft_margin=soft_margin)
+        (grad,) = torch.autograd.grad(loss, features)
+        assert torch.isfinite(grad).all()
+        # every distance is ~0: hinge gives the margin, soft margin log 2
+        assert loss.item() == pytest.approx(0.3 if not soft_margin else math.log(2), abs=1e-3)
+
+
+# ---------------------------------------------------------------- center loss
+
+def test_center_loss_value_by_hand():
+    center_loss = CenterLoss(num_classes=2, feat_dim=2)
+    with torch.no_grad():
+        center_loss.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    features = torch.tensor([[3.0, 4.0], [1.0, 2.0], [0.0, 0.0]])
+    targets = torch.tensor([0, 1, 1])
+    # squared distances 25, 1, 2 -> (25 + 1 + 2) / 3
+    assert center_loss(features, targets).item() == pytest.approx(28 / 3, rel=1e-6)
+
+
+def step_once(weight, lr, use_scaler):
+    torch.manual_seed(4)
+    center_loss = CenterLoss(num_classes=4, feat_dim=3)
+    centers_before = center_loss.centers.detach().clone()
+    features = torch.randn(5, 3, requires_grad=True)
+    targets = torch.tensor([0, 2, 0, 3, 2])  # class 1 absent
+    optimizer = torch.optim.SGD(center_loss.parameters(), lr=lr)
+    total = F.relu(features).sum() + weight * center_loss(features, targets)
+    if use_scaler:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(total).backward()
+        center_optimizer_step(center_loss, optimizer, weight, scaler)
+        scaler.update()
+    else:
+        total.backward()
+        center_optimizer_step(center_loss, optimizer, weight)
+    return centers_before, features.detach(), targets, center_loss.centers.detach()
+
+
+@pytest.mark.parametrize("use_scaler", [False, True])
+def test_center_optimizer_step_moves_centres_by_unweighted_gradient(use_scaler):
+    weight, lr, batch = 0.0005, 0.5, 5
+    before, features, targets, after = step_once(weight, lr, use_scaler)
+    expected = before.clone()
+    for j in range(4):
+        members = [i for i in range(batch) if targets[i] == j]
+        pull = sum((before[j] - features[i] for i in members), torch.zeros(3))
+        expected[j] = before[j] - lr * (2 / batch) * pull
+    assert torch.allclose(after, expected, atol=1e-5)
+    assert torch.equal(after[1], before[1])  # absent class does not move
+    assert not torch.allclose(after[0], before[0])
+
+
+def test_center_optimizer_step_rejects_zero_weight():
+    center_loss = CenterLoss(2, 2)
+    with pytest.raises(ConfigError, match="weight"):
+        center_optimizer_step(center_loss, torch.optim.SGD(center_loss.parameters(), lr=0.5), 0.0)

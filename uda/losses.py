@@ -1,0 +1,129 @@
+"""The strong baseline's three losses: label-smoothed ID loss, batch-hard triplet, center loss.
+
+Recipe (Luo et al., "Bag of Tricks and A Strong Baseline for Deep Person Re-ID", CVPR-W 2019):
+    total = cross_entropy_label_smooth(logits, y) + triplet_loss(f_t, y) + 0.0005 * center_loss(f_t, y)
+where f_t is the pooled feature before the BNNeck and logits come from the feature after it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from uda.errors import ConfigError
+
+
+def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float = 0.1) -> Tensor:
+    """Cross-entropy against the smoothed target q = (1 - eps) * one_hot(y) + eps / num_classes.
+
+    This is the BoT paper's q_i = 1 - (N-1)/N * eps for i = y, eps/N otherwise, and exactly what
+    torch's `F.cross_entropy(label_smoothing=eps)` computes, so we use it (it also upcasts fp16
+    logits under autocast). Smoothing keeps the ID head from over-fitting the few training ids.
+
+    logits: (B, num_classes); targets: (B,) int64 in [0, num_classes). Returns the batch mean.
+    """
+    if not 0.0 <= epsilon < 1.0:
+        raise ConfigError(f"label smoothing epsilon={epsilon} is outside [0, 1); use e.g. 0.1")
+    return F.cross_entropy(logits, targets, label_smoothing=epsilon)
+
+
+def _pairwise_euclidean(features: Tensor) -> Tensor:
+    """(B, D) -> (B, B) Euclidean distances, safe to differentiate at zero distance.
+
+    The squared distance is clamped to 1e-12 before the sqrt: identical features give distance
+    1e-6 and zero gradient instead of sqrt'(0) = inf -> NaN.
+    """
+    squared_norms = features.pow(2).sum(1)
+    squared = squared_norms[:, None] + squared_norms[None, :] - 2.0 * features @ features.T
+    return squared.clamp(min=1e-12).sqrt()
+
+
+def triplet_loss(
+    features: Tensor,
+    targets: Tensor,
+    margin: float = 0.3,
+    soft_margin: bool = False,
+    normalize: bool = False,
+) -> Tensor:
+    """Batch-hard triplet loss (Hermans et al., "In Defense of the Triplet Loss", 2017).
+
+    For each anchor: d_ap = distance to its farthest other image of the same id, d_an = distance
+    to its closest image of another id; loss = mean over anchors of relu(d_ap - d_an + margin),
+    or of softplus(d_ap - d_an) = log(1 + exp(d_ap - d_an)) with soft_margin (margin unused).
+    Distances are plain Euclidean on the raw pooled feature as in the strong baseline;
+    normalize=True L2-normalizes the features first.
+
+    An anchor with no other image of its id, or with no image of another id, has no triplet and
+    is left out of the mean (the loss is 0 when no anchor has one). The P x K sampler with K >= 2
+    never produces such anchors; they only appear with other samplers or tiny clusters.
+
+    features: (B, D), computed in float32 even under autocast; targets: (B,) int64.
+    """
+    if margin < 0:
+        raise ConfigError(f"triplet margin={margin} is negative; use e.g. 0.3")
+    features = features.float()
+    if normalize:
+        features = F.normalize(features, dim=1)
+    dist = _pairwise_euclidean(features)
+
+    same_id = targets[:, None] == targets[None, :]
+    is_self = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+    is_pos = same_id & ~is_self
+    is_neg = ~same_id
+    has_triplet = is_pos.any(1) & is_neg.any(1)
+
+    hardest_pos = dist.masked_fill(~is_pos, float("-inf")).amax(1)
+    hardest_neg = dist.masked_fill(~is_neg, float("inf")).amin(1)
+    gap = (hardest_pos - hardest_neg)[has_triplet]
+    per_anchor = F.softplus(gap) if soft_margin else F.relu(gap + margin)
+    return per_anchor.sum() / has_triplet.sum().clamp(min=1)
+
+
+class CenterLoss(nn.Module):
+    """Center loss (Wen et al., ECCV 2016) as the strong baseline's code computes it.
+
+    loss = sum_i ||x_i - c_{y_i}||^2 / B, with one learnable centre per class. The papers write
+    1/2 * sum_i ||x_i - c_{y_i}||^2 (no 1/B); we follow the reid-strong-baseline code (no 1/2,
+    divided by B) because the published weight 0.0005 and centre lr 0.5 were tuned against it.
+    Its gradient is d loss / d c_j = (2 / B) * sum_{i: y_i = j} (c_j - x_i).
+    Centres start at randn (seed the RNG before constructing) and are updated by their own
+    optimizer through `center_optimizer_step`; keep them out of the model's optimizer.
+    """
+
+    def __init__(self, num_classes: int, feat_dim: int):
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+
+    def forward(self, features: Tensor, targets: Tensor) -> Tensor:
+        """features: (B, feat_dim); targets: (B,) int64 in [0, num_classes). Returns a scalar."""
+        own_centers = self.centers[targets]  # (B, feat_dim): a gather, no (B, num_classes) matrix
+        return (features.float() - own_centers).pow(2).sum() / len(targets)
+
+
+def center_optimizer_step(
+    center_loss: CenterLoss,
+    optimizer: torch.optim.Optimizer,
+    weight: float,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
+    """Step the centres' own optimizer on gradients rescaled by 1 / weight.
+
+    Call after `total.backward()`, where total contains `weight * center_loss(...)`. The centres
+    then hold weight * d center_loss / d c; multiplying by 1 / weight recovers the unweighted
+    gradient, so the centre update c_j -= lr * (2 / B) * sum_{i: y_i = j} (c_j - x_i) (plain SGD,
+    lr 0.5 in the recipe) does not shrink with the tiny loss weight (0.0005): the weight decides
+    how strongly features are pulled to their centres, the centre lr alone how fast centres move.
+    Classes absent from the batch get zero gradient and stay put.
+
+    With mixed precision pass the GradScaler: it unscales, skips the step on inf/NaN gradients;
+    call `scaler.update()` once after all optimizers have stepped.
+    """
+    if weight <= 0:
+        raise ConfigError(f"center loss weight={weight} must be positive; use e.g. 0.0005")
+    for param in center_loss.parameters():
+        if param.grad is not None:
+            param.grad.mul_(1.0 / weight)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
