@@ -1,0 +1,57 @@
+"""The ReID feature extractor: backbone -> global pooling -> BNNeck (strong baseline, Luo et al. 2019).
+
+The triplet loss wants the pooled feature f_t (free in scale, Euclidean geometry); the ID loss wants
+a feature whose batch statistics are normalised, f_i = BN(f_t), which is also the inference feature.
+BNNeck gives both from one vector with no extra embedding layer. Classifier heads are not part of the
+model (the UDA stage keeps separate source and target heads): the training step applies them to f_i.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from uda.models.backbone import ResNetBackbone, build_backbone
+from uda.models.pooling import build_pooling
+
+
+class ReIDModel(nn.Module):
+    """images (B, 3, H, W) -> {"global": f_t (B, D), "bn": f_i (B, D)} in training, f_i (B, D) in eval.
+
+    `bnneck=False` is the strong baseline's ablation without the neck: f_i is f_t itself, so the ID and
+    triplet losses act on the same vector, which is also the inference feature.
+    """
+
+    def __init__(self, backbone: ResNetBackbone, pooling: nn.Module, bnneck: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.feature_dim = backbone.out_channels
+        self.bnneck: nn.Module = nn.Identity()
+        if bnneck:
+            # scale learned (init 1), shift frozen at 0 so f_i stays centred for the bias-free classifier
+            self.bnneck = nn.BatchNorm1d(self.feature_dim)
+            nn.init.ones_(self.bnneck.weight)
+            nn.init.zeros_(self.bnneck.bias)
+            self.bnneck.bias.requires_grad_(False)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map (B, D, h, w), e.g. 16x8 for 256x128 input at last stride 1."""
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        global_feature = self.pooling(self.forward_features(images))
+        bn_feature = self.bnneck(global_feature)
+        if self.training:
+            return {"global": global_feature, "bn": bn_feature}
+        return bn_feature
+
+
+def build_model(
+    backbone: str = "resnet50",
+    pretrained: str = "none",
+    last_stride: int = 1,
+    pooling: str = "avg",
+    bnneck: bool = True,
+) -> ReIDModel:
+    """The strong baseline's feature extractor by default (ResNet-50, last stride 1, average pooling, BNNeck)."""
+    return ReIDModel(build_backbone(backbone, pretrained, last_stride), build_pooling(pooling), bnneck)
