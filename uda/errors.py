@@ -15,3 +15,7 @@ class CorruptImageError(DatasetError):
 
 class ConfigError(UdaError):
     """An unknown config key, a bad value or a bad --opts override."""
+
+
+class ClusteringError(UdaError):
+    """Features that cannot be clustered (NaN/inf, too few points) or a clustering that found no cluster."""
