@@ -15,3 +15,14 @@ def real_data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"UDA_REAL_DATA={value} is not a folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A data root holding the tiny synthetic Market-like and Duke-like domains (generated once per session)."""
+    from uda.datasets import load_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    for name in ("synth_market", "synth_duke"):
+        load_dataset(name, root, synth_preset="tiny")
+    return root

@@ -53,12 +53,16 @@ def pick_device(info: DistInfo, requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, sync_bn: bool) -> torch.nn.Module:
-    """DDP around the model when distributed (SyncBatchNorm optionally), the model itself otherwise."""
+def convert_sync_bn(model: torch.nn.Module, info: DistInfo, sync_bn: bool) -> torch.nn.Module:
+    """SyncBatchNorm (batch statistics over all GPUs) when asked for and distributed; once, before training."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn and info.enabled else model
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DDP around the model when distributed, the model itself otherwise. Wrap again after replacing a
+    parameter (the UDA stage re-creates the target head each epoch): DDP registers them once."""
     if not info.enabled:
         return model
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [info.local_rank] if torch.cuda.is_available() else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -129,16 +130,26 @@ def fit(
     last_metrics: dict[str, dict[str, float]] = {}
     for epoch in range(start_epoch, epochs):
         seed_everything(seed, epoch)
+        start = time.perf_counter()
         losses = train_epoch(epoch)
-        run.scalars(losses, epoch + 1, prefix="train/")
-        run.log(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        seconds = time.perf_counter() - start
+        run.scalars({**losses, "epoch_seconds": seconds}, epoch + 1, prefix="train/")
+        run.log(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" ({seconds:.1f} s)")
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            start = time.perf_counter()
             last_metrics = evaluate(epoch)
-            run.log_metrics(epoch + 1, last_metrics)
-            for set_name, m in last_metrics.items():
-                run.log(
-                    f"epoch {epoch + 1} {set_name}: mAP {m['mAP']:.2%} rank-1 {m['rank1']:.2%} "
-                    f"rank-5 {m['rank5']:.2%} rank-10 {m['rank10']:.2%} mINP {m['mINP']:.2%}"
-                )
+            log_evaluation(run, epoch + 1, last_metrics)
+            run.log(f"evaluation took {time.perf_counter() - start:.1f} s")
         run.save_checkpoint(checkpoint_state(epoch + 1))
     return last_metrics
+
+
+def log_evaluation(run: RunDir, epoch: int, metrics: dict[str, dict]) -> None:
+    """metrics.jsonl + TensorBoard, and one readable log line per evaluated test set."""
+    run.log_metrics(epoch, metrics)
+    for set_name, m in metrics.items():
+        if "mAP" in m:
+            run.log(
+                f"epoch {epoch} {set_name}: mAP {m['mAP']:.2%} rank-1 {m['rank1']:.2%} "
+                f"rank-5 {m['rank5']:.2%} rank-10 {m['rank10']:.2%} mINP {m['mINP']:.2%}"
+            )

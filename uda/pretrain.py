@@ -1,0 +1,143 @@
+"""Stage 1: the source strong baseline (Luo et al., "Bag of Tricks and A Strong Baseline for Deep Person
+Re-ID", CVPR-W 2019) trained on the labelled source; with --target it also reports direct transfer.
+
+    python uda/pretrain.py --source market --target duke [--config configs/pretrain/market.yaml]
+        [--output-dir DIR] [--resume] [--pretrained PATH] [--opts key=value ...]
+
+Each trick has its own switch (configs/pretrain/bot_ablation/ turns them on one at a time):
+warmup (optim.warmup_epochs), random erasing (data.erasing_p), label smoothing (loss.label_smoothing),
+last stride 1 (model.last_stride), BNNeck (model.bnneck), center loss (loss.center_weight).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python uda/pretrain.py`: import the package, not uda/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from uda import stage
+from uda.cli import run_main, stage_parser
+from uda.config import load_config
+from uda.data import prepare_images
+from uda.distributed import barrier, convert_sync_bn, init_distributed, pick_device, unwrap, wrap_model
+from uda.engine import CenterStep, fit, seed_everything, set_lr, train_steps
+from uda.losses import CenterLoss
+from uda.runlog import RunDir, atomic_save
+
+DEFAULTS = stage.defaults(
+    loss={"center_weight": 0.0005, "center_lr": 0.5},
+)
+FINAL_MODEL = "model_final.pth"
+
+
+def default_output_dir(source: str) -> Path:
+    return Path("runs") / "pretrain" / source
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = stage_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--pretrained", help="backbone weights: imagenet, none or a PATH (sets model.pretrained)")
+    args = parser.parse_args(argv)
+    opts = stage.cli_overrides(args)
+    if args.pretrained:
+        opts.insert(0, f"model.pretrained={args.pretrained}")
+    cfg = load_config(DEFAULTS, args.config, opts)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    dist = init_distributed()
+    device = pick_device(dist, cfg.device)
+    source_name = cfg.data.source
+    source = stage.load_named_dataset(source_name, cfg)
+    run = RunDir(args.output_dir or default_output_dir(source_name), cfg, resume=args.resume, is_main=dist.is_main)
+    run.log(source.summary())
+    seed_everything(cfg.seed)
+
+    train_records, train_cache = prepare_images(source.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
+    loader = stage.make_train_loader(train_records, cfg, train_cache, rank=dist.rank, world_size=dist.world_size)
+    test_sets = [stage.make_test_set(source, cfg)]
+    if cfg.data.target:
+        target = stage.load_named_dataset(cfg.data.target, cfg)
+        run.log(target.summary())
+        test_sets.append(stage.make_test_set(target, cfg))
+
+    num_classes = len({r.pid for r in train_records})
+    model = stage.build_reid_model(cfg)
+    net = stage.TrainNet(model, {"source": stage.build_classifier(cfg, model.feature_dim, num_classes)}).to(device)
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    net = convert_sync_bn(net, dist, cfg.train.sync_bn)
+    optimizer = stage.build_optimizer(net.parameters(), cfg)
+    center = None
+    if cfg.loss.center_weight > 0:
+        center_loss = CenterLoss(num_classes, model.feature_dim).to(device)
+        center = CenterStep(center_loss, torch.optim.SGD(center_loss.parameters(), lr=cfg.loss.center_lr), cfg.loss.center_weight)
+
+    start_epoch = 0
+    checkpoint = run.load_checkpoint() if args.resume else None
+    if checkpoint is not None:
+        net.load_state_dict(checkpoint["net"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if center is not None:
+            center.loss.load_state_dict(checkpoint["center"])
+            center.optimizer.load_state_dict(checkpoint["center_optimizer"])
+        start_epoch = checkpoint["epoch"]
+        run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
+    train_net = wrap_model(net, dist)
+    schedule = stage.build_schedule(cfg)
+    amp = torch.bfloat16 if cfg.train.amp else None
+
+    def compute_losses(batch) -> dict:
+        images, pids = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        out, logits = train_net(images, {"source": (slice(None), pids)})
+        losses = stage.reid_losses(out["global"], logits["source"], pids, cfg)
+        if center is not None:
+            losses["center"] = center.weight * center.loss(out["global"].float(), pids)
+        return losses
+
+    def train_epoch(epoch: int) -> dict:
+        lr = schedule.lr(epoch)
+        set_lr(optimizer, lr)
+        loader.sampler.set_epoch(epoch)
+        losses = train_steps(
+            loader, compute_losses, optimizer, num_steps=len(loader), device=device, amp_dtype=amp,
+            center=center, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+        )
+        return {**losses, "lr": lr}
+
+    def evaluate(epoch: int) -> dict:
+        results = stage.evaluate_test_sets(unwrap(train_net).model, test_sets, cfg, device) if dist.is_main else {}
+        barrier(dist)
+        return results
+
+    def checkpoint_state(epoch: int) -> dict:
+        state = {"epoch": epoch, "net": net.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict()}
+        if center is not None:
+            state["center"] = center.loss.state_dict()
+            state["center_optimizer"] = center.optimizer.state_dict()
+        return state
+
+    metrics = fit(
+        run, start_epoch=start_epoch, epochs=cfg.optim.epochs, train_epoch=train_epoch, evaluate=evaluate,
+        eval_every=cfg.train.eval_every, checkpoint_state=checkpoint_state, seed=cfg.seed,
+    )
+    if dist.is_main:
+        final = {"model": net.model.state_dict(), "source_head": net.heads["source"].state_dict(),
+                 "num_classes": num_classes, "config": cfg.to_dict()}
+        atomic_save(final, run.path / FINAL_MODEL)
+        run.log(f"final model: {run.path / FINAL_MODEL}")
+    run.close()
+    return metrics
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

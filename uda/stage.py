@@ -1,0 +1,243 @@
+"""What both stages (pretrain.py, adapt.py) build from a config: the config defaults they share,
+datasets and loaders, the model with its heads, the optimizer, the ReID losses of one branch, and the
+evaluation of test sets. One place for each, so the two entry points cannot drift apart."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from uda.config import Config
+from uda.data import prepare_images, test_loader, test_transform, train_loader, train_transform
+from uda.datasets import ReIDDataset, load_dataset
+from uda.datasets.base import ImageRecord
+from uda.engine import Schedule
+from uda.errors import ConfigError
+from uda.evaluation.distance import pairwise_distance
+from uda.evaluation.features import extract_features
+from uda.evaluation.metrics import evaluate
+from uda.evaluation.rerank import re_ranking
+from uda.losses import cross_entropy_label_smooth, triplet_loss
+from uda.models import ClassifierHead, ReIDModel, build_head, build_model
+
+# Every key a stage accepts, with the strong baseline's values (Luo et al. 2019) as defaults.
+COMMON_DEFAULTS: dict = {
+    "seed": 0,
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "deterministic": False,  # torch.use_deterministic_algorithms (slower; exact repeats on GPU)
+    "data": {
+        "source": None,
+        "target": None,
+        "root": None,  # default: $UDA_DATA, else ./data
+        "synth_preset": "small",  # tiny | small | full, for synth_market / synth_duke
+        "synth_seed": 0,
+        "msmt_train_val": False,  # MSMT17: train on list_train + list_val (as SpCL) instead of list_train
+        "height": 256,
+        "width": 128,
+        "num_pids": 16,  # P identities x K images per batch
+        "num_instances": 4,
+        "num_workers": 4,
+        "cache": True,  # decode every image once into memory
+        "skip_corrupt": False,  # drop unreadable images (reported) instead of stopping
+        "flip_p": 0.5,
+        "pad": 10,
+        "erasing_p": 0.5,
+    },
+    "model": {
+        "backbone": "resnet50",  # resnet18 | resnet34 | resnet50 | resnet18_w16 | resnet18_w32
+        "pretrained": "imagenet",  # imagenet | none | PATH
+        "last_stride": 1,
+        "pooling": "avg",  # avg | gem
+        "bnneck": True,
+        "head": "linear",  # linear | cosine | arcface | cosface
+        "temperature": 0.1,  # cosine head: logits = cos / T
+        "scale": 30.0,  # arcface / cosface
+        "margin": 0.35,  # cosface (arcface usually 0.5)
+    },
+    "loss": {
+        "ce_weight": 1.0,
+        "label_smoothing": 0.1,
+        "triplet_weight": 1.0,
+        "triplet_margin": 0.3,
+        "soft_margin": False,
+    },
+    "optim": {
+        "name": "adam",  # adam | sgd
+        "lr": 3.5e-4,
+        "weight_decay": 5e-4,
+        "momentum": 0.9,  # sgd only
+        "schedule": "step",  # step | cosine
+        "warmup_epochs": 10,
+        "warmup_from": 3.5e-5,
+        "milestones": [40, 70],
+        "gamma": 0.1,
+        "epochs": 120,
+    },
+    "train": {
+        "amp": False,  # bf16 autocast
+        "channels_last": False,
+        "eval_every": 10,
+        "sync_bn": False,  # SyncBatchNorm under torchrun
+    },
+    "eval": {
+        "batch_size": 256,
+        "flip": True,  # average each image's feature with its mirror's
+        "metric": "cosine",  # cosine | euclidean (features are L2-normalised either way)
+        "rerank": False,  # also report k-reciprocal re-ranked metrics (Zhong et al. 2017)
+        "rerank_k1": 20,
+        "rerank_k2": 6,
+        "rerank_lambda": 0.3,
+    },
+}
+
+
+def defaults(**overrides: dict) -> dict:
+    """COMMON_DEFAULTS with whole sections added or keys changed, e.g. defaults(loss={...})."""
+    result = copy.deepcopy(COMMON_DEFAULTS)
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            result.setdefault(section, {}).update(copy.deepcopy(values))
+        else:
+            result[section] = values
+    return result
+
+
+def cli_overrides(args) -> list[str]:
+    """Command-line flags as config overrides, applied before --opts (so --opts wins)."""
+    opts = []
+    for flag, key in (("source", "data.source"), ("target", "data.target"), ("data_root", "data.root")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            opts.append(f"{key}={value}")
+    return opts + list(args.opts)
+
+
+def load_named_dataset(name: str | None, cfg: Config) -> ReIDDataset:
+    if not name:
+        raise ConfigError("no dataset named: pass --source (and --target), e.g. --source market --target duke")
+    return load_dataset(
+        name, cfg.data.root, synth_preset=cfg.data.synth_preset, synth_seed=cfg.data.synth_seed,
+        msmt_train_val=cfg.data.msmt_train_val,
+    )
+
+
+def make_train_loader(
+    records: list[ImageRecord], cfg: Config, cache, *, rank: int = 0, world_size: int = 1, num_iterations: int | None = None
+) -> DataLoader:
+    d = cfg.data
+    transform = train_transform(d.height, d.width, pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p)
+    return train_loader(
+        records, transform, d.num_pids, d.num_instances, cfg.seed, d.num_workers,
+        num_iterations=num_iterations, cache=cache, rank=rank, world_size=world_size,
+    )
+
+
+def make_plain_loader(records: list[ImageRecord], cfg: Config, cache) -> DataLoader:
+    """Records in order, test transform: for evaluation and for the target feature memory."""
+    return test_loader(records, test_transform(cfg.data.height, cfg.data.width), cfg.eval.batch_size, cfg.data.num_workers, cache)
+
+
+@dataclass
+class TestSet:
+    """A dataset's query and gallery, loaded once (query first, then gallery, in one loader)."""
+
+    name: str
+    query: list[ImageRecord]
+    gallery: list[ImageRecord]
+    loader: DataLoader
+
+
+def make_test_set(dataset: ReIDDataset, cfg: Config) -> TestSet:
+    records, cache = prepare_images(dataset.query + dataset.gallery, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
+    kept = {r.path for r in records}
+    query = [r for r in dataset.query if r.path in kept]
+    gallery = [r for r in dataset.gallery if r.path in kept]
+    return TestSet(dataset.name, query, gallery, make_plain_loader(query + gallery, cfg, cache))
+
+
+def evaluate_test_sets(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: torch.device) -> dict[str, dict]:
+    """{set name: {mAP, mINP, rank1, rank5, rank10}} (+ '<name>_rerank' when eval.rerank)."""
+    results: dict[str, dict] = {}
+    amp = torch.bfloat16 if cfg.train.amp else None
+    for test_set in test_sets:
+        features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}")
+        num_query = len(test_set.query)
+        qf, gf = features[:num_query], features[num_query:]
+        ids = [torch.tensor([getattr(r, key) for r in split]) for split in (test_set.query, test_set.gallery) for key in ("pid", "camid")]
+        q_pids, q_cams, g_pids, g_cams = ids
+        metric = {"cosine": "cosine", "euclidean": "euclidean"}.get(cfg.eval.metric)
+        if metric is None:
+            raise ConfigError(f"eval.metric must be 'cosine' or 'euclidean', got {cfg.eval.metric!r}")
+        distmat = pairwise_distance(qf, gf, metric=metric, device=device)
+        results[test_set.name] = _summary(evaluate(distmat, q_pids, g_pids, q_cams, g_cams))
+        if cfg.eval.rerank:
+            # the published re-ranking squares its input, so it is given Euclidean distances
+            reranked = re_ranking(
+                pairwise_distance(qf, gf, metric="euclidean", device=device),
+                pairwise_distance(qf, qf, metric="euclidean", device=device),
+                pairwise_distance(gf, gf, metric="euclidean", device=device),
+                k1=cfg.eval.rerank_k1, k2=cfg.eval.rerank_k2, lambda_value=cfg.eval.rerank_lambda, device=device,
+            )
+            results[f"{test_set.name}_rerank"] = _summary(evaluate(reranked, q_pids, g_pids, q_cams, g_cams))
+    return results
+
+
+def _summary(metrics: dict) -> dict:
+    return {key: float(metrics[key]) for key in ("mAP", "mINP", "rank1", "rank5", "rank10")}
+
+
+def build_reid_model(cfg: Config, pretrained: str | None = None) -> ReIDModel:
+    m = cfg.model
+    return build_model(m.backbone, pretrained or m.pretrained, m.last_stride, m.pooling, m.bnneck)
+
+
+def build_classifier(cfg: Config, in_features: int, num_classes: int) -> ClassifierHead:
+    m = cfg.model
+    options = {"linear": {}, "cosine": {"temperature": m.temperature}}.get(m.head, {"scale": m.scale, "margin": m.margin})
+    return build_head(m.head, in_features, num_classes, **options)
+
+
+class TrainNet(nn.Module):
+    """The model and its classifier heads as one module, so DistributedDataParallel synchronises the
+    heads' gradients too. `targets` maps a head's name to (rows of the batch, their labels)."""
+
+    def __init__(self, model: ReIDModel, heads: dict[str, ClassifierHead]):
+        super().__init__()
+        self.model = model
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(self, images: torch.Tensor, targets: dict[str, tuple[slice, torch.Tensor]]):
+        out = self.model(images)
+        logits = {name: self.heads[name](out["bn"][rows], labels) for name, (rows, labels) in targets.items()}
+        return out, logits
+
+
+def reid_losses(global_features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, cfg: Config, prefix: str = "") -> dict:
+    """The strong baseline's two losses on one branch: ID (label-smoothed CE on the head's logits of f_i)
+    and batch-hard triplet on the pooled f_t; weighted, named '<prefix>ce' and '<prefix>triplet'."""
+    loss = cfg.loss
+    losses = {}
+    if loss.ce_weight > 0:
+        losses[f"{prefix}ce"] = loss.ce_weight * cross_entropy_label_smooth(logits.float(), labels, loss.label_smoothing)
+    if loss.triplet_weight > 0:
+        losses[f"{prefix}triplet"] = loss.triplet_weight * triplet_loss(global_features, labels, loss.triplet_margin, loss.soft_margin)
+    if not losses:
+        raise ConfigError("loss.ce_weight and loss.triplet_weight are both 0: nothing to train")
+    return losses
+
+
+def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    raise ConfigError(f"optim.name must be 'adam' or 'sgd', got {o.name!r}")
+
+
+def build_schedule(cfg: Config) -> Schedule:
+    o = cfg.optim
+    return Schedule(o.lr, o.warmup_epochs, o.warmup_from, tuple(o.milestones), o.gamma, o.schedule, o.epochs)
