@@ -1,0 +1,246 @@
+"""Stage 2: unsupervised adaptation to the unlabelled target by clustering (pseudo-labels), trained
+jointly with the labelled source.
+
+    python uda/adapt.py --source market --target duke [--init PATH] [--config configs/uda/market2duke.yaml]
+        [--output-dir DIR] [--resume] [--opts key=value ...]
+
+Each epoch: (1) features of every target training image with the current model (the feature memory,
+flip-averaged, L2-normalised); (2) sparse k-reciprocal Jaccard distances (GPU when there is one);
+(3) DBSCAN -> pseudo-labels, outliers dropped; (4) the target head re-created with one row per cluster,
+initialised from the clusters' mean memory features; (5) `adapt.iters` steps on a P x K source batch
+plus a P x K target batch: source CE + triplet on the source head, target CE + triplet on the target
+head -- two separate temperature-scaled cosine heads; (6) evaluation on the target test set with the
+clusters' statistics (NMI/ARI/pairwise P/R against the true ids are diagnostics, never used to train).
+The reported result is the last epoch's: no best-epoch picking on target test labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python uda/adapt.py`: import the package, not uda/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+import torch.distributed
+
+from uda import stage
+from uda.cli import run_main, stage_parser
+from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_labels
+from uda.config import Config, load_config
+from uda.data import prepare_images
+from uda.distributed import DistInfo, barrier, convert_sync_bn, init_distributed, pick_device, wrap_model
+from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
+from uda.errors import UdaError
+from uda.evaluation.features import extract_features
+from uda.models import ClassifierHead
+from uda.pretrain import FINAL_MODEL, default_output_dir as pretrain_output_dir
+from uda.runlog import RunDir, atomic_save
+
+DEFAULTS = stage.defaults(
+    model={"pretrained": "none", "head": "cosine", "temperature": 0.1},
+    optim={"warmup_epochs": 0, "milestones": [20, 40], "epochs": 50},
+    train={"eval_every": 1},
+    loss={"source_weight": 1.0, "target_weight": 1.0},
+    adapt={"init": None, "iters": 400},
+    cluster={
+        "k1": 30, "k2": 6, "eps": 0.6, "min_samples": 4,
+        "keep_outliers": False,  # True: each outlier becomes its own singleton class
+        "knn_backend": "torch",  # torch (chunked top-k, GPU when there is one) | faiss
+    },
+)
+
+
+def default_init(cfg: Config) -> Path:
+    """The source model of the matching pretrain run, or a message saying which command makes it."""
+    path = pretrain_output_dir(cfg.data.source) / FINAL_MODEL
+    if not path.is_file():
+        raise UdaError(
+            f"no source model at {path}; make it with `python uda/pretrain.py --source {cfg.data.source} "
+            f"--target {cfg.data.target}` or pass --init PATH"
+        )
+    return path
+
+
+def load_init_weights(model: torch.nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as exc:
+        raise UdaError(f"cannot read the source model {path} ({exc})") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UdaError(f"{path} does not fit this model (model.* settings differ from the pretrain run): {first}") from None
+
+
+def memory_features(model: torch.nn.Module, loader, desc: str) -> torch.Tensor:
+    """(N, D) L2-normalised, flip-averaged features of a whole split with the current model."""
+    return extract_features(model, loader, flip=True, normalize=True, desc=desc)
+
+
+def replace_head(head: ClassifierHead, optimizer: torch.optim.Optimizer, group: int, centers: torch.Tensor) -> None:
+    """Re-create `head` with one row per centre and point the optimizer's param group at the new rows
+    (the old rows' Adam moments are dropped: they belonged to clusters that no longer exist)."""
+    optimizer.state.pop(head.weight, None)
+    head.reset_classifier(centers.shape[0], centers)
+    optimizer.param_groups[group]["params"] = [head.weight]
+
+
+def cluster_target(features: torch.Tensor, cfg: Config, device: torch.device, dist: DistInfo) -> np.ndarray:
+    """Pseudo-labels (N,) of the target memory; computed once on the main process and broadcast, so
+    every GPU trains on the same clusters."""
+    labels = [None]
+    if dist.is_main:
+        c = cfg.cluster
+        distances = jaccard_distance(features, k1=c.k1, k2=c.k2, device=device, knn_backend=c.knn_backend, max_distance=c.eps)
+        labels[0] = pseudo_labels(distances, eps=c.eps, min_samples=c.min_samples, keep_outliers=c.keep_outliers)
+    if dist.enabled:
+        torch.distributed.broadcast_object_list(labels, src=0)
+    return labels[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = stage_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--init", help="source model to start from (default: runs/pretrain/<source>/model_final.pth)")
+    args = parser.parse_args(argv)
+    opts = stage.cli_overrides(args)
+    if args.init:
+        opts.insert(0, f"adapt.init={args.init}")
+    cfg = load_config(DEFAULTS, args.config, opts)
+    if not cfg.data.target:
+        raise UdaError("adapt needs --target (the unlabelled dataset to adapt to), e.g. --source market --target duke")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    dist = init_distributed()
+    device = pick_device(dist, cfg.device)
+    source = stage.load_named_dataset(cfg.data.source, cfg)
+    target = stage.load_named_dataset(cfg.data.target, cfg)
+    init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg)
+    output_dir = args.output_dir or Path("runs") / "adapt" / f"{cfg.data.source}2{cfg.data.target}"
+    run = RunDir(output_dir, cfg, resume=args.resume, is_main=dist.is_main)
+    run.log(source.summary())
+    run.log(target.summary())
+    seed_everything(cfg.seed)
+
+    source_train, source_cache = prepare_images(source.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
+    target_train, target_cache = prepare_images(target.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
+    target_true_ids = np.array([r.orig_pid for r in target_train])  # diagnostics only
+    target_memory_loader = stage.make_plain_loader(target_train, cfg, target_cache)
+    iters = cfg.adapt.iters
+    source_loader = stage.make_train_loader(source_train, cfg, source_cache, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
+    test_sets = [stage.make_test_set(target, cfg)]
+
+    model = stage.build_reid_model(cfg, pretrained="none")
+    load_init_weights(model, init_path)
+    num_source_classes = len({r.pid for r in source_train})
+    heads = {
+        "source": stage.build_classifier(cfg, model.feature_dim, num_source_classes),
+        "target": stage.build_classifier(cfg, model.feature_dim, 1),  # re-created from clusters each epoch
+    }
+    net = stage.TrainNet(model, heads).to(device)
+    checkpoint = run.load_checkpoint() if args.resume else None
+    if checkpoint is None:  # the source head starts from the source class centres under the source model
+        source_features = memory_features(net.model, stage.make_plain_loader(source_train, cfg, source_cache), "source memory")
+        source_ids = torch.tensor([r.pid for r in source_train])
+        net.heads["source"].reset_classifier(num_source_classes, cluster_centers(source_features, source_ids).to(device))
+    else:
+        net.heads["target"].reset_classifier(checkpoint["num_clusters"])
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    net = convert_sync_bn(net, dist, cfg.train.sync_bn)
+    body = [p for name, p in net.named_parameters() if not name.startswith("heads.target.")]
+    optimizer = stage.build_optimizer([{"params": body}, {"params": [net.heads["target"].weight]}], cfg)
+
+    start_epoch = 0
+    if checkpoint is not None:
+        net.load_state_dict(checkpoint["net"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch = checkpoint["epoch"]
+        run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
+    else:
+        run.log(f"initialised from {init_path}")
+        direct = stage.evaluate_test_sets(net.model, test_sets, cfg, device) if dist.is_main else {}
+        log_evaluation(run, 0, direct)  # epoch 0 = direct transfer, before any adaptation
+    schedule = stage.build_schedule(cfg)
+    amp = torch.bfloat16 if cfg.train.amp else None
+    state = {"train_net": wrap_model(net, dist), "cluster_stats": {}}
+
+    def compute_losses(batch) -> dict:
+        (source_images, source_pids, *_), (target_images, target_pids, *_) = batch
+        n = source_images.shape[0]
+        images = torch.cat([source_images, target_images]).to(device, non_blocking=True)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        source_pids, target_pids = source_pids.to(device), target_pids.to(device)
+        branches = {"source": (slice(0, n), source_pids), "target": (slice(n, None), target_pids)}
+        out, logits = state["train_net"](images, branches)
+        losses = {}
+        for name, (rows, pids) in branches.items():
+            weight = cfg.loss[f"{name}_weight"]
+            branch = stage.reid_losses(out["global"][rows], logits[name], pids, cfg, prefix=f"{name}_")
+            losses.update({key: weight * value for key, value in branch.items()})
+        return losses
+
+    def train_epoch(epoch: int) -> dict:
+        features = memory_features(net.model, target_memory_loader, f"target memory {epoch + 1}")
+        labels = cluster_target(features, cfg, device, dist)
+        stats = cluster_stats(labels, target_true_ids)
+        state["cluster_stats"] = stats
+        run.log(
+            f"epoch {epoch + 1} clusters: {stats['num_clusters']} ({stats['outlier_fraction']:.1%} outliers), "
+            f"NMI {stats['nmi']:.3f} ARI {stats['ari']:.3f} pairwise P/R {stats['pairwise_precision']:.3f}/"
+            f"{stats['pairwise_recall']:.3f} (diagnostics vs true ids)"
+        )
+        run.scalars(stats, epoch + 1, prefix="clusters/")
+        if stats["num_clusters"] < cfg.data.num_pids:
+            raise UdaError(
+                f"epoch {epoch + 1}: {stats['num_clusters']} target clusters, fewer than the {cfg.data.num_pids} "
+                "identities of a P x K batch; train the source model longer, or adjust cluster.eps / data.num_pids"
+            )
+        replace_head(net.heads["target"], optimizer, 1, cluster_centers(features, labels).to(device))
+        state["train_net"] = wrap_model(net, dist)
+        pseudo = [dataclasses.replace(r, pid=int(label)) for r, label in zip(target_train, labels) if label >= 0]
+        target_loader = stage.make_train_loader(pseudo, cfg, target_cache, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
+        lr = schedule.lr(epoch)
+        set_lr(optimizer, lr)
+        source_loader.sampler.set_epoch(epoch)
+        target_loader.sampler.set_epoch(epoch)
+        losses = train_steps(
+            zip(source_loader, target_loader), compute_losses, optimizer, num_steps=iters, device=device,
+            amp_dtype=amp, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+        )
+        return {**losses, "lr": lr}
+
+    def evaluate(epoch: int) -> dict:
+        results = stage.evaluate_test_sets(net.model, test_sets, cfg, device) if dist.is_main else {}
+        barrier(dist)
+        return {**results, "clusters": state["cluster_stats"]}
+
+    def checkpoint_state(epoch: int) -> dict:
+        return {
+            "epoch": epoch, "net": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "num_clusters": net.heads["target"].num_classes, "config": cfg.to_dict(),
+        }
+
+    metrics = fit(
+        run, start_epoch=start_epoch, epochs=cfg.optim.epochs, train_epoch=train_epoch, evaluate=evaluate,
+        eval_every=cfg.train.eval_every, checkpoint_state=checkpoint_state, seed=cfg.seed,
+    )
+    if dist.is_main:
+        atomic_save({"model": net.model.state_dict(), "config": cfg.to_dict()}, run.path / FINAL_MODEL)
+        run.log(f"final model: {run.path / FINAL_MODEL}")
+    run.close()
+    return metrics
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

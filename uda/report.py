@@ -1,0 +1,70 @@
+"""The results table of a UDA experiment, read back from run folders: direct transfer (the source model
+on the target, epoch 0 of the adaptation run), adapted (the adaptation run's LAST epoch) and, when
+given, the target-supervised oracle (a pretrain run on the target's labels).
+
+    python -m uda.report --adapt runs/adapt/market2duke --target duke [--oracle DIR] [--json results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from uda.cli import run_main
+from uda.errors import UdaError
+from uda.runlog import read_metrics
+
+COLUMNS = ("mAP", "rank1", "rank5", "rank10")
+
+
+def _evaluation(run_dir: Path, set_name: str, which: str) -> dict | None:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UdaError(f"{path} does not exist: run the stage first (see scripts/)")
+    records = [r for r in read_metrics(path) if set_name in r]
+    if not records:
+        return None
+    record = records[0] if which == "first" else records[-1]
+    return {"epoch": record["epoch"], **{k: record[set_name][k] for k in COLUMNS}}
+
+
+def collect(adapt_dir: Path, target: str, oracle_dir: Path | None = None) -> dict:
+    """{"direct": {...}, "adapted": {...}, "oracle": {...}}, plus "*_rerank" rows when re-ranking was evaluated."""
+    results = {}
+    for suffix in ("", "_rerank"):
+        rows = {"direct": _evaluation(adapt_dir, target + suffix, "first"), "adapted": _evaluation(adapt_dir, target + suffix, "last")}
+        if oracle_dir is not None:
+            rows["oracle"] = _evaluation(oracle_dir, target + suffix, "last")
+        results.update({f"{name}{suffix}": row for name, row in rows.items() if row is not None})
+    if "direct" not in results or results["direct"]["epoch"] != 0:
+        raise UdaError(f"{adapt_dir} has no epoch-0 (direct transfer) evaluation of '{target}'")
+    return results
+
+
+def markdown_table(results: dict, target: str) -> str:
+    lines = [f"| {target} (target test) | mAP | rank-1 | rank-5 | rank-10 |", "|---|---|---|---|---|"]
+    for name, row in results.items():
+        lines.append(f"| {name.replace('_rerank', ' + re-ranking')} | " + " | ".join(f"{100 * row[k]:.1f}" for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapt", required=True, type=Path, help="run folder of uda/adapt.py")
+    parser.add_argument("--target", required=True, help="target dataset name as evaluated (e.g. duke)")
+    parser.add_argument("--oracle", type=Path, help="run folder of a pretrain run on the target's labels")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    results = collect(args.adapt, args.target, args.oracle)
+    print(markdown_table(results, args.target))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
