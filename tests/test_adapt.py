@@ -66,3 +66,52 @@ def test_missing_source_model_says_which_command_makes_it(synth_root, tmp_path, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UdaError, match="python uda/pretrain.py --source synth_market --target synth_duke"):
         adapt.main(["--source", "synth_market", "--target", "synth_duke", "--data-root", str(synth_root)])
+
+
+TINY = [
+    "data.synth_preset=tiny", "data.num_workers=0", "model.backbone=resnet18_w16", "data.height=64", "data.width=32",
+    "eval.batch_size=64", "data.num_pids=4", "cluster.k1=10", "cluster.min_samples=2", "cluster.eps=0.4", "adapt.iters=4",
+]
+
+
+@pytest.fixture(scope="module")
+def source_model(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    pretrain.main(["--source", "synth_market", "--data-root", str(synth_root), "--output-dir", str(out), "--opts",
+                   "data.synth_preset=tiny", "data.num_workers=0", "model.backbone=resnet18_w16", "model.pretrained=none",
+                   "data.height=64", "data.width=32", "eval.batch_size=64", "optim.lr=3.5e-3", "optim.warmup_epochs=2",
+                   "optim.warmup_from=3.5e-4", "optim.milestones=[20]", "optim.epochs=12", "train.eval_every=12"])
+    return out / "model_final.pth"
+
+
+def run_adapt(synth_root, source_model, out, *extra, resume=False):
+    argv = ["--source", "synth_market", "--target", "synth_duke", "--data-root", str(synth_root), "--init", str(source_model),
+            "--output-dir", str(out)] + (["--resume"] if resume else [])
+    return adapt.main(argv + ["--opts", *TINY, *extra])
+
+
+def test_adapt_run_folder_reports_direct_transfer_clusters_and_last_epoch(synth_root, source_model, tmp_path):
+    final = run_adapt(synth_root, source_model, tmp_path / "run", "optim.epochs=2")
+    records = read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert "clusters" not in records[0]  # epoch 0: the source model itself, before any clustering
+    for record in records[1:]:
+        stats = record["clusters"]
+        assert stats["num_clusters"] >= 4 and 0 <= stats["outlier_fraction"] < 1
+        assert 0 <= stats["nmi"] <= 1 and 0 <= stats["pairwise_precision"] <= 1
+    results = collect(tmp_path / "run", "synth_duke")
+    assert results["direct"]["epoch"] == 0 and results["adapted"]["epoch"] == 2
+    assert results["adapted"]["mAP"] == pytest.approx(final["synth_duke"]["mAP"])
+
+
+def test_adapt_resume_equals_uninterrupted(synth_root, source_model, tmp_path):
+    run_adapt(synth_root, source_model, tmp_path / "straight", "optim.epochs=2")
+    run_adapt(synth_root, source_model, tmp_path / "cut", "optim.epochs=1")
+    (tmp_path / "cut" / "model_final.pth").unlink()
+    run_adapt(synth_root, source_model, tmp_path / "cut", "optim.epochs=2", resume=True)
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "last.pth", weights_only=False)
+    assert a["num_clusters"] == b["num_clusters"]
+    for key, value in a["net"].items():
+        assert torch.equal(value, b["net"][key]), key
+    assert read_metrics(tmp_path / "straight")[-1] == read_metrics(tmp_path / "cut")[-1]

@@ -64,9 +64,23 @@ def test_refuses_to_overwrite_a_run_and_reports_bad_input_in_one_line(synth_root
     def cli(*args):
         return subprocess.run([sys.executable, "uda/pretrain.py", *args], cwd=repo, capture_output=True, text=True, timeout=300)
 
-    result = cli("--source", "market", "--data-root", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "r"))
+    result = cli("--source", "market", "--data-root", str(tmp_path / "nowhere"), "--pretrained", "none")
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert "Market-1501" in result.stderr
     result = cli("--source", "synth_market", "--data-root", str(synth_root), "--opts", "optim.lrr=1")
     assert result.returncode == 2 and "did you mean 'optim.lr'" in result.stderr
     assert "--opts" in cli("--help").stdout
+
+
+def test_torchrun_two_processes_on_cpu(synth_root, tmp_path):
+    """DistributedDataParallel over gloo: each process trains on its share of the P x K batches,
+    the main one evaluates and writes the run folder."""
+    repo = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "uda/pretrain.py", "--source", "synth_market",
+            "--data-root", str(synth_root), "--output-dir", str(tmp_path / "ddp"), "--opts", *TINY,
+            "data.num_pids=4", "optim.epochs=2", "train.eval_every=1"]
+    result = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "ddp")] == [1, 2]
+    assert (tmp_path / "ddp" / "model_final.pth").is_file()

@@ -121,11 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
     source = stage.load_named_dataset(cfg.data.source, cfg)
     target = stage.load_named_dataset(cfg.data.target, cfg)
     init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg)
+    seed_everything(cfg.seed)
+    model = stage.build_reid_model(cfg, pretrained="none")
+    load_init_weights(model, init_path)  # first: a wrong source model fails before any data is read
     output_dir = args.output_dir or Path("runs") / "adapt" / f"{cfg.data.source}2{cfg.data.target}"
     run = RunDir(output_dir, cfg, resume=args.resume, is_main=dist.is_main)
     run.log(source.summary())
     run.log(target.summary())
-    seed_everything(cfg.seed)
 
     source_train, source_cache = prepare_images(source.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
     target_train, target_cache = prepare_images(target.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
@@ -135,8 +137,6 @@ def main(argv: list[str] | None = None) -> dict:
     source_loader = stage.make_train_loader(source_train, cfg, source_cache, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
     test_sets = [stage.make_test_set(target, cfg)]
 
-    model = stage.build_reid_model(cfg, pretrained="none")
-    load_init_weights(model, init_path)
     num_source_classes = len({r.pid for r in source_train})
     heads = {
         "source": stage.build_classifier(cfg, model.feature_dim, num_source_classes),

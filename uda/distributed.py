@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from uda.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -55,7 +57,11 @@ def pick_device(info: DistInfo, requested: str = "auto") -> torch.device:
 
 def convert_sync_bn(model: torch.nn.Module, info: DistInfo, sync_bn: bool) -> torch.nn.Module:
     """SyncBatchNorm (batch statistics over all GPUs) when asked for and distributed; once, before training."""
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn and info.enabled else model
+    if not (sync_bn and info.enabled):
+        return model
+    if not torch.cuda.is_available():
+        raise ConfigError("train.sync_bn=true needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU version)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:

@@ -14,9 +14,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.distributed
 from tqdm import tqdm
 
 from uda.errors import UdaError
+from uda.losses import center_optimizer_step
 from uda.runlog import RunDir
 
 
@@ -102,8 +104,7 @@ def train_steps(
         total.backward()
         optimizer.step()
         if center is not None:
-            from uda.losses import center_optimizer_step
-
+            _average_across_processes(center.loss.parameters())  # the centres live outside DDP
             center_optimizer_step(center.loss, center.optimizer, center.weight)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.item()
@@ -112,6 +113,15 @@ def train_steps(
     if steps == 0:
         raise UdaError(f"{desc}: the loader yielded no batch; the training split is smaller than one P x K batch")
     return {name: value / steps for name, value in sums.items()}
+
+
+def _average_across_processes(params: Iterable[torch.nn.Parameter]) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        for param in params:
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= world
 
 
 def fit(

@@ -50,11 +50,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     dist = init_distributed()
     device = pick_device(dist, cfg.device)
+    seed_everything(cfg.seed)
+    model = stage.build_reid_model(cfg)  # first: a wrong weights path fails before any data is read
     source_name = cfg.data.source
     source = stage.load_named_dataset(source_name, cfg)
     run = RunDir(args.output_dir or default_output_dir(source_name), cfg, resume=args.resume, is_main=dist.is_main)
     run.log(source.summary())
-    seed_everything(cfg.seed)
 
     train_records, train_cache = prepare_images(source.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
     loader = stage.make_train_loader(train_records, cfg, train_cache, rank=dist.rank, world_size=dist.world_size)
@@ -65,7 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
         test_sets.append(stage.make_test_set(target, cfg))
 
     num_classes = len({r.pid for r in train_records})
-    model = stage.build_reid_model(cfg)
     net = stage.TrainNet(model, {"source": stage.build_classifier(cfg, model.feature_dim, num_classes)}).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
