@@ -353,3 +353,18 @@ def test_synthetic_folder_present_is_not_regenerated(tmp_path, fake_generator):
     write_duke(tmp_path / "synth_duke_small_seed1")
     dataset = load_dataset("synth_duke", tmp_path, synth_seed=1)
     assert fake_generator == [] and dataset.root == tmp_path / "synth_duke_small_seed1"
+
+
+def test_subset_identities_keeps_the_first_ids_and_their_gallery():
+    from uda.datasets.base import ImageRecord, ReIDDataset, subset_identities
+
+    train = [ImageRecord(f"t{i}", pid, 0, pid + 10) for i, pid in enumerate([0, 0, 1, 2, 2, 3])]
+    query = [ImageRecord(f"q{pid}", pid, 0, pid) for pid in (5, 7, 9)]
+    gallery = [ImageRecord(f"g{i}", pid, 1, pid) for i, pid in enumerate([0, 5, 7, 7, 9, 11])]
+    full = ReIDDataset("x", Path("."), train, query, gallery, {"gallery_junk": 2})
+    sub = subset_identities(full, 2)
+    assert [r.pid for r in sub.train] == [0, 0, 1]
+    assert [r.pid for r in sub.query] == [5, 7]
+    assert [r.path for r in sub.gallery] == ["g1", "g2", "g3"]  # distractors and other ids dropped
+    assert sub.dropped == {"gallery_junk": 2, "subset_ids": 2}
+    assert subset_identities(full, 0) is full

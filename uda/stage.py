@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from uda.config import Config
 from uda.data import prepare_images, test_loader, test_transform, train_loader, train_transform
 from uda.datasets import ReIDDataset, load_dataset
-from uda.datasets.base import ImageRecord
+from uda.datasets.base import ImageRecord, subset_identities
 from uda.engine import Schedule
 from uda.errors import ConfigError
 from uda.evaluation.distance import pairwise_distance
@@ -35,6 +35,7 @@ COMMON_DEFAULTS: dict = {
         "synth_preset": "small",  # tiny | small | full, for synth_market / synth_duke
         "synth_seed": 0,
         "msmt_train_val": False,  # MSMT17: train on list_train + list_val (as SpCL) instead of list_train
+        "subset_ids": 0,  # > 0: only this many train and test identities (development runs, not the protocol)
         "height": 256,
         "width": 128,
         "num_pids": 16,  # P identities x K images per batch
@@ -118,10 +119,11 @@ def cli_overrides(args) -> list[str]:
 def load_named_dataset(name: str | None, cfg: Config) -> ReIDDataset:
     if not name:
         raise ConfigError("no dataset named: pass --source (and --target), e.g. --source market --target duke")
-    return load_dataset(
+    dataset = load_dataset(
         name, cfg.data.root, synth_preset=cfg.data.synth_preset, synth_seed=cfg.data.synth_seed,
         msmt_train_val=cfg.data.msmt_train_val,
     )
+    return subset_identities(dataset, cfg.data.subset_ids)
 
 
 def make_train_loader(

@@ -48,3 +48,19 @@ class ReIDDataset:
             split = getattr(self, split_name)
             rows.append(f"  {split_name:<7} | {ids(split):>5} | {len(split):>6}")
         return "\n".join(rows)
+
+
+def subset_identities(dataset: ReIDDataset, num_ids: int) -> ReIDDataset:
+    """A reduced-size copy for development runs on real data (e.g. CI without a GPU): the first
+    `num_ids` train identities (relabelled ids 0..num_ids-1 stay as they are) and the first `num_ids`
+    query identities with only their own gallery images (distractors and other ids dropped).
+    Not the benchmark protocol: its numbers are not comparable with published ones."""
+    if num_ids <= 0:
+        return dataset
+    train = [r for r in dataset.train if r.pid < num_ids]
+    test_ids = set(sorted({r.pid for r in dataset.query})[:num_ids])
+    return ReIDDataset(
+        dataset.name, dataset.root, train,
+        [r for r in dataset.query if r.pid in test_ids], [r for r in dataset.gallery if r.pid in test_ids],
+        {**dataset.dropped, "subset_ids": num_ids},
+    )
