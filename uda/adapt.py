@@ -31,13 +31,13 @@ from uda.cli import run_main, stage_parser
 from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_labels
 from uda.config import Config, load_config
 from uda.data import prepare_images
-from uda.distributed import DistInfo, barrier, convert_sync_bn, init_distributed, pick_device, wrap_model
+from uda.distributed import DistInfo, convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
 from uda.errors import UdaError
 from uda.evaluation.features import extract_features
 from uda.models import ClassifierHead
-from uda.pretrain import FINAL_MODEL, default_output_dir as pretrain_output_dir
-from uda.runlog import RunDir, atomic_save
+from uda.pretrain import default_output_dir as pretrain_output_dir
+from uda.runlog import FINAL_MODEL, RunDir
 
 DEFAULTS = stage.defaults(
     model={"pretrained": "none", "head": "cosine", "temperature": 0.1},
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
     else:
         run.log(f"initialised from {init_path}")
-        direct = stage.evaluate_test_sets(net.model, test_sets, cfg, device) if dist.is_main else {}
-        log_evaluation(run, 0, direct)  # epoch 0 = direct transfer, before any adaptation
+        log_evaluation(run, 0, stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist))  # epoch 0 = direct transfer, before any adaptation
     schedule = stage.build_schedule(cfg)
     amp = torch.bfloat16 if cfg.train.amp else None
     state = {"train_net": wrap_model(net, dist), "cluster_stats": {}}
@@ -217,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {**losses, "lr": lr}
 
     def evaluate(epoch: int) -> dict:
-        results = stage.evaluate_test_sets(net.model, test_sets, cfg, device) if dist.is_main else {}
-        barrier(dist)
-        return {**results, "clusters": state["cluster_stats"]}
+        return {**stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist), "clusters": state["cluster_stats"]}
 
     def checkpoint_state(epoch: int) -> dict:
         return {
@@ -231,9 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         run, start_epoch=start_epoch, epochs=cfg.optim.epochs, train_epoch=train_epoch, evaluate=evaluate,
         eval_every=cfg.train.eval_every, checkpoint_state=checkpoint_state, seed=cfg.seed,
     )
-    if dist.is_main:
-        atomic_save({"model": net.model.state_dict(), "config": cfg.to_dict()}, run.path / FINAL_MODEL)
-        run.log(f"final model: {run.path / FINAL_MODEL}")
+    run.save_final_model({"model": net.model.state_dict(), "config": cfg.to_dict()})
     run.close()
     return metrics
 

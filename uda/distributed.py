@@ -71,7 +71,3 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
         return model
     device_ids = [info.local_rank] if torch.cuda.is_available() else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -22,15 +22,14 @@ from uda import stage
 from uda.cli import run_main, stage_parser
 from uda.config import load_config
 from uda.data import prepare_images
-from uda.distributed import barrier, convert_sync_bn, init_distributed, pick_device, unwrap, wrap_model
+from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import CenterStep, fit, seed_everything, set_lr, train_steps
 from uda.losses import CenterLoss
-from uda.runlog import RunDir, atomic_save
+from uda.runlog import RunDir
 
 DEFAULTS = stage.defaults(
     loss={"center_weight": 0.0005, "center_lr": 0.5},
 )
-FINAL_MODEL = "model_final.pth"
 
 
 def default_output_dir(source: str) -> Path:
@@ -111,9 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {**losses, "lr": lr}
 
     def evaluate(epoch: int) -> dict:
-        results = stage.evaluate_test_sets(unwrap(train_net).model, test_sets, cfg, device) if dist.is_main else {}
-        barrier(dist)
-        return results
+        return stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist)
 
     def checkpoint_state(epoch: int) -> dict:
         state = {"epoch": epoch, "net": net.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict()}
@@ -126,11 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         run, start_epoch=start_epoch, epochs=cfg.optim.epochs, train_epoch=train_epoch, evaluate=evaluate,
         eval_every=cfg.train.eval_every, checkpoint_state=checkpoint_state, seed=cfg.seed,
     )
-    if dist.is_main:
-        final = {"model": net.model.state_dict(), "source_head": net.heads["source"].state_dict(),
-                 "num_classes": num_classes, "config": cfg.to_dict()}
-        atomic_save(final, run.path / FINAL_MODEL)
-        run.log(f"final model: {run.path / FINAL_MODEL}")
+    run.save_final_model({"model": net.model.state_dict(), "source_head": net.heads["source"].state_dict(),
+                          "num_classes": num_classes, "config": cfg.to_dict()})
     run.close()
     return metrics
 

@@ -20,6 +20,7 @@ from uda.config import Config, dump_config
 from uda.errors import UdaError
 
 LAST_CHECKPOINT = "last.pth"
+FINAL_MODEL = "model_final.pth"
 
 
 def code_version() -> str:
@@ -119,6 +120,12 @@ class RunDir:
     def save_checkpoint(self, state: dict, name: str = LAST_CHECKPOINT) -> None:
         if self.is_main:
             atomic_save(state, self.path / name)
+
+    def save_final_model(self, state: dict) -> None:
+        """The trained model for the next stage or for deployment (the checkpoint holds more)."""
+        if self.is_main:
+            atomic_save(state, self.path / FINAL_MODEL)
+            self.log(f"final model: {self.path / FINAL_MODEL}")
 
     def load_checkpoint(self, name: str = LAST_CHECKPOINT) -> dict | None:
         """The checkpoint to resume from, or None when the folder has none yet (a fresh start)."""

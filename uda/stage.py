@@ -14,6 +14,7 @@ from uda.config import Config
 from uda.data import prepare_images, test_loader, test_transform, train_loader, train_transform
 from uda.datasets import ReIDDataset, load_dataset
 from uda.datasets.base import ImageRecord, subset_identities
+from uda.distributed import DistInfo, barrier
 from uda.engine import Schedule
 from uda.errors import ConfigError
 from uda.evaluation.distance import pairwise_distance
@@ -160,8 +161,17 @@ def make_test_set(dataset: ReIDDataset, cfg: Config) -> TestSet:
     return TestSet(dataset.name, query, gallery, make_plain_loader(query + gallery, cfg, cache))
 
 
-def evaluate_test_sets(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: torch.device) -> dict[str, dict]:
-    """{set name: {mAP, mINP, rank1, rank5, rank10}} (+ '<name>_rerank' when eval.rerank)."""
+def evaluate_test_sets(
+    model: nn.Module, test_sets: list[TestSet], cfg: Config, device: torch.device, dist: DistInfo = DistInfo()
+) -> dict[str, dict]:
+    """{set name: {mAP, mINP, rank1, rank5, rank10}} (+ '<name>_rerank' when eval.rerank).
+    Under torchrun the main process evaluates while the others wait (and get {})."""
+    results = _evaluate(model, test_sets, cfg, device) if dist.is_main else {}
+    barrier(dist)
+    return results
+
+
+def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: torch.device) -> dict[str, dict]:
     results: dict[str, dict] = {}
     amp = torch.bfloat16 if cfg.train.amp else None
     for test_set in test_sets:
