@@ -150,9 +150,9 @@ def test_domains_differ_in_colour_statistics(tiny):
                                  for p in sorted((folder / "bounding_box_train").glob("*.jpg"))])
         stats[domain] = pixels.mean(0)
     market_mean, duke_mean = stats["market"], stats["duke"]
-    assert np.linalg.norm(market_mean - duke_mean) > 40          # measured ~70 (seed 0)
-    assert market_mean.mean() - duke_mean.mean() > 15            # Market: sunny; Duke: dim winter (~27)
-    assert (market_mean[0] - market_mean[2]) - (duke_mean[0] - duke_mean[2]) > 30   # warm vs cold cast (~63)
+    assert np.linalg.norm(market_mean - duke_mean) > 30          # measured ~43 (seed 0, generator v2)
+    assert market_mean.mean() - duke_mean.mean() > 8             # Market: sunny; Duke: dim winter (~15)
+    assert (market_mean[0] - market_mean[2]) - (duke_mean[0] - duke_mean[2]) > 25   # warm vs cold cast (~41)
 
 
 def test_output_appears_only_complete(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ from uda.datasets.synth_render import (STYLES, VIEWS, DomainStyle, camera_of, jp
                                        random_shot, render)
 from uda.errors import ConfigError, DatasetError, UdaError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("bounding_box_train", "query", "bounding_box_test")
 IDENTITY, ONE_OFF, JUNK = 0, 1, 2          # what an image shows: a split identity, a '0000' stranger, junk
 ONE_OFF_KEYS, JUNK_KEYS = 100_000, 200_000  # person keys of one-off people, above any 4-digit id
