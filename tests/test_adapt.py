@@ -130,3 +130,25 @@ def test_adaptation_raises_target_map_over_direct_transfer(synth_root, source_mo
     results = collect(tmp_path / "run", "synth_duke")
     assert results["adapted"]["epoch"] == 3
     assert results["adapted"]["mAP"] > results["direct"]["mAP"] + 0.02, results
+
+
+def test_camera_normalize_groups_people_across_cameras_when_cameras_dominate():
+    """Planted features: 6 people x 2 cameras x 5 images, a camera offset larger than the person
+    signal. Plain clustering groups by camera; with camera_normalize it recovers the people."""
+    from uda.cluster import cluster_stats
+    from uda.distributed import DistInfo
+
+    gen = torch.Generator().manual_seed(0)
+    people = F.normalize(torch.randn(6, 64, generator=gen), dim=1)
+    cameras = 3 * F.normalize(torch.randn(2, 64, generator=gen), dim=1)
+    ids = torch.arange(6).repeat_interleave(10)
+    cams = torch.tensor([0] * 5 + [1] * 5).repeat(6)
+    features = F.normalize(people[ids] + cameras[cams] + 0.05 * torch.randn(60, 64, generator=gen), dim=1)
+    base = ["cluster.k1=12", "cluster.k2=3", "cluster.eps=0.5", "cluster.min_samples=3"]
+    plain = load_config(adapt.DEFAULTS, opts=base)
+    aware = load_config(adapt.DEFAULTS, opts=base + ["cluster.camera_normalize=true"])
+    cpu = torch.device("cpu")
+    plain_stats = cluster_stats(adapt.cluster_target(features, cams, plain, cpu, DistInfo()), ids.numpy())
+    aware_stats = cluster_stats(adapt.cluster_target(features, cams, aware, cpu, DistInfo()), ids.numpy())
+    assert aware_stats["nmi"] > 0.95 and aware_stats["num_clusters"] == 6
+    assert plain_stats["nmi"] < aware_stats["nmi"] - 0.1, (plain_stats, aware_stats)

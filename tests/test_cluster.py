@@ -145,3 +145,15 @@ def test_jaccard_distance_on_cuda_matches_the_oracle():
     np.testing.assert_allclose(_stored(dist), expected, rtol=0, atol=1e-5)
     centres = cluster_centers(features.cuda(), pseudo_labels(dist))
     assert centres.is_cuda and torch.allclose(centres.norm(dim=1), torch.ones(1, device="cuda"))
+
+
+def test_remove_camera_means_subtracts_each_cameras_mean_and_renormalises():
+    from uda.cluster import remove_camera_means
+
+    features = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    camids = torch.tensor([7, 7, 2, 2])
+    out = remove_camera_means(features, camids)
+    expected = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])  # means (2, 0) and (0, 3)
+    assert torch.allclose(out, expected, atol=1e-6)
+    with pytest.raises(ClusteringError, match="camids must have shape"):
+        remove_camera_means(features, camids[:3])

@@ -28,7 +28,7 @@ import torch.distributed
 
 from uda import stage
 from uda.cli import run_main, stage_parser
-from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_labels
+from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
 from uda.config import Config, load_config
 from uda.data import prepare_images
 from uda.distributed import DistInfo, convert_sync_bn, init_distributed, pick_device, wrap_model
@@ -49,6 +49,7 @@ DEFAULTS = stage.defaults(
         "k1": 30, "k2": 6, "eps": 0.6, "min_samples": 4,
         "keep_outliers": False,  # True: each outlier becomes its own singleton class
         "knn_backend": "torch",  # torch (chunked top-k, GPU when there is one) | faiss
+        "camera_normalize": False,  # cluster features minus their camera's mean (cross-camera grouping)
     },
 )
 
@@ -90,12 +91,14 @@ def replace_head(head: ClassifierHead, optimizer: torch.optim.Optimizer, group: 
     optimizer.param_groups[group]["params"] = [head.weight]
 
 
-def cluster_target(features: torch.Tensor, cfg: Config, device: torch.device, dist: DistInfo) -> np.ndarray:
+def cluster_target(features: torch.Tensor, camids: torch.Tensor, cfg: Config, device: torch.device, dist: DistInfo) -> np.ndarray:
     """Pseudo-labels (N,) of the target memory; computed once on the main process and broadcast, so
     every GPU trains on the same clusters."""
     labels = [None]
     if dist.is_main:
         c = cfg.cluster
+        if c.camera_normalize:
+            features = remove_camera_means(features, camids)
         distances = jaccard_distance(features, k1=c.k1, k2=c.k2, device=device, knn_backend=c.knn_backend, max_distance=c.eps)
         labels[0] = pseudo_labels(distances, eps=c.eps, min_samples=c.min_samples, keep_outliers=c.keep_outliers)
     if dist.enabled:
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     source_train, source_cache = prepare_images(source.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
     target_train, target_cache = prepare_images(target.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
     target_true_ids = np.array([r.orig_pid for r in target_train])  # diagnostics only
+    target_camids = torch.tensor([r.camid for r in target_train])  # cameras are known without labels
     target_memory_loader = stage.make_plain_loader(target_train, cfg, target_cache)
     iters = cfg.adapt.iters
     source_loader = stage.make_train_loader(source_train, cfg, source_cache, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def train_epoch(epoch: int) -> dict:
         features = memory_features(net.model, target_memory_loader, f"target memory {epoch + 1}")
-        labels = cluster_target(features, cfg, device, dist)
+        labels = cluster_target(features, target_camids, cfg, device, dist)
         stats = cluster_stats(labels, target_true_ids)
         state["cluster_stats"] = stats
         run.log(

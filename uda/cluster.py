@@ -129,6 +129,24 @@ def jaccard_distance(
     )
 
 
+def remove_camera_means(features: np.ndarray | Tensor, camids: np.ndarray | Tensor) -> Tensor:
+    """(N, D) features minus the mean feature of their camera, L2-normalised again.
+
+    Why: a camera's background and lighting shift all of its images the same way, so on a new domain
+    the nearest neighbours of an image are often other people in the same camera. Removing each
+    camera's mean before clustering (as camera-aware UDA methods do) lets DBSCAN group the same
+    person across cameras. Used for clustering only; the features themselves are unchanged.
+    """
+    features = _checked_features(features).float()
+    camids = torch.as_tensor(camids, device=features.device).long()
+    if camids.shape != (features.shape[0],):
+        raise ClusteringError(f"camids must have shape ({features.shape[0]},) to match the features, got {tuple(camids.shape)}")
+    _, cams = torch.unique(camids, return_inverse=True)
+    counts = torch.bincount(cams).float()
+    means = features.new_zeros(int(counts.numel()), features.shape[1]).index_add_(0, cams, features) / counts[:, None]
+    return F.normalize(features - means[cams], dim=1)
+
+
 def pseudo_labels(
     dist: scipy.sparse.csr_matrix, eps: float = 0.6, min_samples: int = 4, keep_outliers: bool = False
 ) -> np.ndarray:
