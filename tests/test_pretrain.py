@@ -1,4 +1,5 @@
 """The source stage end to end on the tiny synthetic preset: it learns, it resumes exactly, it fails clearly."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,13 @@ def test_torchrun_two_processes_on_cpu(synth_root, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["epoch"] for r in read_metrics(tmp_path / "ddp")] == [1, 2]
     assert (tmp_path / "ddp" / "model_final.pth").is_file()
+
+
+def test_market2duke_script_stops_with_the_missing_dataset_message(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "scripts/market2duke.sh", "--data-root", str(tmp_path / "nowhere")], cwd=repo,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: market not found under data root" in result.stderr and "Market-1501-v15.09.15" in result.stderr
+    assert "Traceback" not in result.stderr

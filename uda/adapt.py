@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg)
     seed_everything(cfg.seed)
     model = stage.build_reid_model(cfg, pretrained="none")
-    load_init_weights(model, init_path)  # first: a wrong source model fails before any data is read
+    load_init_weights(model, init_path)  # before any image is decoded: a wrong source model fails early
     output_dir = args.output_dir or Path("runs") / "adapt" / f"{cfg.data.source}2{cfg.data.target}"
     run = RunDir(output_dir, cfg, resume=args.resume, is_main=dist.is_main)
     run.log(source.summary())

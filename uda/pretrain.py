@@ -49,20 +49,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     dist = init_distributed()
     device = pick_device(dist, cfg.device)
-    seed_everything(cfg.seed)
-    model = stage.build_reid_model(cfg)  # first: a wrong weights path fails before any data is read
     source_name = cfg.data.source
-    source = stage.load_named_dataset(source_name, cfg)
+    source = stage.load_named_dataset(source_name, cfg)  # parsing only: a wrong path fails at once
+    target = stage.load_named_dataset(cfg.data.target, cfg) if cfg.data.target else None
+    seed_everything(cfg.seed)
+    model = stage.build_reid_model(cfg)  # before any image is decoded: a wrong weights path fails early
     run = RunDir(args.output_dir or default_output_dir(source_name), cfg, resume=args.resume, is_main=dist.is_main)
-    run.log(source.summary())
 
     train_records, train_cache = prepare_images(source.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
     loader = stage.make_train_loader(train_records, cfg, train_cache, rank=dist.rank, world_size=dist.world_size)
-    test_sets = [stage.make_test_set(source, cfg)]
-    if cfg.data.target:
-        target = stage.load_named_dataset(cfg.data.target, cfg)
-        run.log(target.summary())
-        test_sets.append(stage.make_test_set(target, cfg))
+    test_sets = []
+    for dataset in [d for d in (source, target) if d is not None]:
+        run.log(dataset.summary())
+        test_sets.append(stage.make_test_set(dataset, cfg))
 
     num_classes = len({r.pid for r in train_records})
     net = stage.TrainNet(model, {"source": stage.build_classifier(cfg, model.feature_dim, num_classes)}).to(device)
