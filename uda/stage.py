@@ -172,18 +172,17 @@ def evaluate_test_sets(
 
 
 def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: torch.device) -> dict[str, dict]:
+    if cfg.eval.metric not in ("cosine", "euclidean"):
+        raise ConfigError(f"eval.metric must be 'cosine' or 'euclidean', got {cfg.eval.metric!r}")
     results: dict[str, dict] = {}
     amp = torch.bfloat16 if cfg.train.amp else None
     for test_set in test_sets:
         features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}")
         num_query = len(test_set.query)
         qf, gf = features[:num_query], features[num_query:]
-        ids = [torch.tensor([getattr(r, key) for r in split]) for split in (test_set.query, test_set.gallery) for key in ("pid", "camid")]
-        q_pids, q_cams, g_pids, g_cams = ids
-        metric = {"cosine": "cosine", "euclidean": "euclidean"}.get(cfg.eval.metric)
-        if metric is None:
-            raise ConfigError(f"eval.metric must be 'cosine' or 'euclidean', got {cfg.eval.metric!r}")
-        distmat = pairwise_distance(qf, gf, metric=metric, device=device)
+        q_pids, q_cams = torch.tensor([r.pid for r in test_set.query]), torch.tensor([r.camid for r in test_set.query])
+        g_pids, g_cams = torch.tensor([r.pid for r in test_set.gallery]), torch.tensor([r.camid for r in test_set.gallery])
+        distmat = pairwise_distance(qf, gf, metric=cfg.eval.metric, device=device)
         results[test_set.name] = _summary(evaluate(distmat, q_pids, g_pids, q_cams, g_cams))
         if cfg.eval.rerank:
             # the published re-ranking squares its input, so it is given Euclidean distances

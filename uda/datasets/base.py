@@ -1,6 +1,7 @@
 """The records every dataset parser produces, and the checks they share."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,3 +65,12 @@ def subset_identities(dataset: ReIDDataset, num_ids: int) -> ReIDDataset:
         [r for r in dataset.query if r.pid in test_ids], [r for r in dataset.gallery if r.pid in test_ids],
         {**dataset.dropped, "subset_ids": num_ids},
     )
+
+
+def relabel_train(records: list[ImageRecord]) -> list[ImageRecord]:
+    """Map training ids to 0..N-1 in sorted order of the id, as classifier targets need.
+
+    The ids of query and gallery are never relabelled: evaluation only compares them for equality.
+    """
+    new_pid = {pid: index for index, pid in enumerate(sorted({r.pid for r in records}))}
+    return [dataclasses.replace(r, pid=new_pid[r.pid]) for r in records]

@@ -8,12 +8,11 @@ Parsing reads file names only, never image bytes, so it takes well under a secon
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from pathlib import Path
 
-from uda.datasets.base import ImageRecord, ReIDDataset
+from uda.datasets.base import ImageRecord, ReIDDataset, relabel_train
 from uda.errors import DatasetError
 
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -23,15 +22,6 @@ JUNK_PID = -1  # boxes the annotators could not assign: the protocol ignores the
 # 0000 and -1 in query and bounding_box_test), so a doubled suffix is accepted.
 MARKET_NAME = re.compile(r"(-1|\d+)_c(\d)s\d+_\d+_\d+\.jpg(?:\.jpg)?")
 MARKET_NUM_CAMS = 6
-
-
-def relabel_train(records: list[ImageRecord]) -> list[ImageRecord]:
-    """Map training ids to 0..N-1 in sorted order of the id, as classifier targets need.
-
-    The ids of query and gallery are never relabelled: evaluation only compares them for equality.
-    """
-    new_pid = {pid: index for index, pid in enumerate(sorted({r.pid for r in records}))}
-    return [dataclasses.replace(r, pid=new_pid[r.pid]) for r in records]
 
 
 def parse_bounding_box_split(

@@ -15,8 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from uda.datasets.base import ImageRecord, ReIDDataset
-from uda.datasets.market import relabel_train
+from uda.datasets.base import ImageRecord, ReIDDataset, relabel_train
 from uda.errors import DatasetError
 
 # Image folders (train, test) of each release; V2 blurs faces, the lists are the same.
