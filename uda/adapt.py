@@ -30,7 +30,6 @@ from uda import stage
 from uda.cli import run_main, stage_parser
 from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
 from uda.config import Config, load_config
-from uda.data import prepare_images
 from uda.distributed import DistInfo, convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
 from uda.errors import UdaError
@@ -116,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(DEFAULTS, args.config, opts)
     if not cfg.data.target:
         raise UdaError("adapt needs --target (the unlabelled dataset to adapt to), e.g. --source market --target duke")
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    stage.set_backends(cfg)
 
     dist = init_distributed()
     device = pick_device(dist, cfg.device)
@@ -132,14 +130,14 @@ def main(argv: list[str] | None = None) -> dict:
     run.log(source.summary())
     run.log(target.summary())
 
-    source_train, source_cache = prepare_images(source.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
-    target_train, target_cache = prepare_images(target.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
+    source_train, source_images = stage.prepare_split(source.train, cfg, device)
+    target_train, target_images = stage.prepare_split(target.train, cfg, device)
     target_true_ids = np.array([r.orig_pid for r in target_train])  # diagnostics only
     target_camids = torch.tensor([r.camid for r in target_train])  # cameras are known without labels
-    target_memory_loader = stage.make_plain_loader(target_train, cfg, target_cache)
+    target_memory_loader = stage.make_plain_loader(target_train, cfg, target_images)
     iters = cfg.adapt.iters
-    source_loader = stage.make_train_loader(source_train, cfg, source_cache, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
-    test_sets = [stage.make_test_set(target, cfg)]
+    source_loader = stage.make_train_loader(source_train, cfg, source_images, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
+    test_sets = [stage.make_test_set(target, cfg, device)]
 
     num_source_classes = len({r.pid for r in source_train})
     heads = {
@@ -149,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     net = stage.TrainNet(model, heads).to(device)
     checkpoint = run.load_checkpoint() if args.resume else None
     if checkpoint is None:  # the source head starts from the source class centres under the source model
-        source_features = memory_features(net.model, stage.make_plain_loader(source_train, cfg, source_cache), "source memory")
+        source_features = memory_features(net.model, stage.make_plain_loader(source_train, cfg, source_images), "source memory")
         source_ids = torch.tensor([r.pid for r in source_train])
         net.heads["source"].reset_classifier(num_source_classes, cluster_centers(source_features, source_ids).to(device))
     else:
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         replace_head(net.heads["target"], optimizer, 1, cluster_centers(features, labels).to(device))
         state["train_net"] = wrap_model(net, dist)
         pseudo = [dataclasses.replace(r, pid=int(label)) for r, label in zip(target_train, labels) if label >= 0]
-        target_loader = stage.make_train_loader(pseudo, cfg, target_cache, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
+        target_loader = stage.make_train_loader(pseudo, cfg, target_images, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
         lr = schedule.lr(epoch)
         set_lr(optimizer, lr)
         source_loader.sampler.set_epoch(epoch)

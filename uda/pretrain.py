@@ -21,7 +21,6 @@ import torch
 from uda import stage
 from uda.cli import run_main, stage_parser
 from uda.config import load_config
-from uda.data import prepare_images
 from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import CenterStep, fit, seed_everything, set_lr, train_steps
 from uda.losses import CenterLoss
@@ -44,8 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pretrained:
         opts.insert(0, f"model.pretrained={args.pretrained}")
     cfg = load_config(DEFAULTS, args.config, opts)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    stage.set_backends(cfg)
 
     dist = init_distributed()
     device = pick_device(dist, cfg.device)
@@ -56,12 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = stage.build_reid_model(cfg)  # before any image is decoded: a wrong weights path fails early
     run = RunDir(args.output_dir or default_output_dir(source_name), cfg, resume=args.resume, is_main=dist.is_main)
 
-    train_records, train_cache = prepare_images(source.train, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
-    loader = stage.make_train_loader(train_records, cfg, train_cache, rank=dist.rank, world_size=dist.world_size)
+    train_records, train_images = stage.prepare_split(source.train, cfg, device)
+    loader = stage.make_train_loader(train_records, cfg, train_images, rank=dist.rank, world_size=dist.world_size)
     test_sets = []
     for dataset in [d for d in (source, target) if d is not None]:
         run.log(dataset.summary())
-        test_sets.append(stage.make_test_set(dataset, cfg))
+        test_sets.append(stage.make_test_set(dataset, cfg, device))
 
     num_classes = len({r.pid for r in train_records})
     net = stage.TrainNet(model, {"source": stage.build_classifier(cfg, model.feature_dim, num_classes)}).to(device)

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from uda.config import Config
 from uda.data import prepare_images, test_loader, test_transform, train_loader, train_transform
+from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoader, DeviceTrainLoader
+from uda.data.images import ImageCache
 from uda.datasets import ReIDDataset, load_dataset
 from uda.datasets.base import ImageRecord, subset_identities
 from uda.distributed import DistInfo, barrier
@@ -43,6 +45,8 @@ COMMON_DEFAULTS: dict = {
         "num_instances": 4,
         "num_workers": 4,
         "cache": True,  # decode every image once into memory
+        "pipeline": "device",  # device: images resized once and held where the model trains, whole batches
+        #                        augmented there | loader: per-image transforms in DataLoader workers
         "skip_corrupt": False,  # drop unreadable images (reported) instead of stopping
         "flip_p": 0.5,
         "pad": 10,
@@ -117,6 +121,13 @@ def cli_overrides(args) -> list[str]:
     return opts + list(args.opts)
 
 
+def set_backends(cfg: Config) -> None:
+    """cfg.deterministic: exact repeats (torch's deterministic algorithms); otherwise let cuDNN time its
+    convolution algorithms once per input shape and keep the fastest (shapes are fixed here)."""
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+
+
 def load_named_dataset(name: str | None, cfg: Config) -> ReIDDataset:
     if not name:
         raise ConfigError("no dataset named: pass --source (and --target), e.g. --source market --target duke")
@@ -127,20 +138,50 @@ def load_named_dataset(name: str | None, cfg: Config) -> ReIDDataset:
     return subset_identities(dataset, cfg.data.subset_ids)
 
 
+def uses_device_pipeline(cfg: Config) -> bool:
+    """data.pipeline: 'device' (batches built on the training device, see uda.data.device_batches) or
+    'loader' (the per-image DataLoader pipeline: less memory, for splits too large to hold resized)."""
+    if cfg.data.pipeline not in ("device", "loader"):
+        raise ConfigError(f"data.pipeline must be 'device' or 'loader', got {cfg.data.pipeline!r}")
+    return cfg.data.pipeline == "device"
+
+
+Images = ImageCache | DeviceImages | None  # where a split's loaders take their pixels from
+
+
+def prepare_split(records: list[ImageRecord], cfg: Config, device: torch.device) -> tuple[list[ImageRecord], Images]:
+    """The records kept (corrupt ones dropped under data.skip_corrupt) and their pixels: device images
+    for the device pipeline, else the decoded-image cache (data.cache) or None (read from disk)."""
+    on_device = uses_device_pipeline(cfg)
+    kept, cache = prepare_images(records, cache=cfg.data.cache or on_device, skip_corrupt=cfg.data.skip_corrupt)
+    if on_device:
+        return kept, DeviceImages.build(kept, cfg.data.height, cfg.data.width, device, cache)
+    return kept, cache
+
+
 def make_train_loader(
-    records: list[ImageRecord], cfg: Config, cache, *, rank: int = 0, world_size: int = 1, num_iterations: int | None = None
-) -> DataLoader:
+    records: list[ImageRecord], cfg: Config, images: Images, *, rank: int = 0, world_size: int = 1, num_iterations: int | None = None
+):
+    """P x K batches (images, pids, camids, indices); `loader.sampler.set_epoch(epoch)` before each epoch."""
     d = cfg.data
+    if isinstance(images, DeviceImages):
+        augment = BatchAugment(pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p)
+        return DeviceTrainLoader(
+            images, records, augment, d.num_pids, d.num_instances, cfg.seed,
+            num_iterations=num_iterations, rank=rank, world_size=world_size,
+        )
     transform = train_transform(d.height, d.width, pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p)
     return train_loader(
         records, transform, d.num_pids, d.num_instances, cfg.seed, d.num_workers,
-        num_iterations=num_iterations, cache=cache, rank=rank, world_size=world_size,
+        num_iterations=num_iterations, cache=images, rank=rank, world_size=world_size,
     )
 
 
-def make_plain_loader(records: list[ImageRecord], cfg: Config, cache) -> DataLoader:
+def make_plain_loader(records: list[ImageRecord], cfg: Config, images: Images):
     """Records in order, test transform: for evaluation and for the target feature memory."""
-    return test_loader(records, test_transform(cfg.data.height, cfg.data.width), cfg.eval.batch_size, cfg.data.num_workers, cache)
+    if isinstance(images, DeviceImages):
+        return DevicePlainLoader(images, records, cfg.eval.batch_size)
+    return test_loader(records, test_transform(cfg.data.height, cfg.data.width), cfg.eval.batch_size, cfg.data.num_workers, images)
 
 
 @dataclass
@@ -150,15 +191,15 @@ class TestSet:
     name: str
     query: list[ImageRecord]
     gallery: list[ImageRecord]
-    loader: DataLoader
+    loader: DataLoader | DevicePlainLoader
 
 
-def make_test_set(dataset: ReIDDataset, cfg: Config) -> TestSet:
-    records, cache = prepare_images(dataset.query + dataset.gallery, cache=cfg.data.cache, skip_corrupt=cfg.data.skip_corrupt)
+def make_test_set(dataset: ReIDDataset, cfg: Config, device: torch.device) -> TestSet:
+    records, images = prepare_split(dataset.query + dataset.gallery, cfg, device)
     kept = {r.path for r in records}
     query = [r for r in dataset.query if r.path in kept]
     gallery = [r for r in dataset.gallery if r.path in kept]
-    return TestSet(dataset.name, query, gallery, make_plain_loader(query + gallery, cfg, cache))
+    return TestSet(dataset.name, query, gallery, make_plain_loader(query + gallery, cfg, images))
 
 
 def evaluate_test_sets(
