@@ -26,14 +26,14 @@ def run_pretrain(synth_root, out, *extra, resume=False, target=None):
 
 
 def test_pretrain_learns_the_source(synth_root, tmp_path):
-    schedule = ["optim.lr=3.5e-3", "optim.warmup_from=3.5e-4", "optim.warmup_epochs=2", "optim.milestones=[20]"]
+    schedule = ["optim.lr=3.5e-3", "optim.warmup_from=3.5e-4", "optim.warmup_epochs=2", "optim.milestones=[40]"]
     run_pretrain(synth_root, tmp_path / "untrained", *schedule, "optim.epochs=1", "optim.lr=1e-12", "optim.warmup_from=1e-12")
     before = read_metrics(tmp_path / "untrained")[-1]["synth_market"]["mAP"]
-    final = run_pretrain(synth_root, tmp_path / "run", *schedule, "optim.epochs=24", "train.eval_every=12", target="synth_duke")
+    final = run_pretrain(synth_root, tmp_path / "run", *schedule, "optim.epochs=48", "train.eval_every=24", target="synth_duke")
     after = final["synth_market"]["mAP"]
     assert after > before + 0.10, (before, after)
     records = read_metrics(tmp_path / "run")
-    assert [r["epoch"] for r in records] == [12, 24]
+    assert [r["epoch"] for r in records] == [24, 48]
     assert set(records[-1]) == {"epoch", "synth_market", "synth_duke"}
     assert records[-1]["synth_market"]["mAP"] == pytest.approx(after)
     folder = tmp_path / "run"
