@@ -1,4 +1,5 @@
 """The UDA stage: separate heads, centre-initialised target head, end to end on the tiny preset, resume."""
+import json
 from pathlib import Path
 
 import pytest
@@ -93,16 +94,17 @@ def run_adapt(synth_root, source_model, out, *extra, resume=False):
 
 
 def test_adapt_run_folder_reports_direct_transfer_clusters_and_last_epoch(synth_root, source_model, tmp_path):
-    final = run_adapt(synth_root, source_model, tmp_path / "run", "optim.epochs=2")
+    final = run_adapt(synth_root, source_model, tmp_path / "run", "optim.epochs=3", "train.eval_every=2")
     records = read_metrics(tmp_path / "run")
-    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]  # cluster statistics every epoch, test metrics at 0, 2, 3
     assert "clusters" not in records[0]  # epoch 0: the source model itself, before any clustering
+    assert set(records[1]) == {"epoch", "clusters"} and "synth_duke" in records[2] and "synth_duke" in records[3]
     for record in records[1:]:
         stats = record["clusters"]
         assert stats["num_clusters"] >= 4 and 0 <= stats["outlier_fraction"] < 1
         assert 0 <= stats["nmi"] <= 1 and 0 <= stats["pairwise_precision"] <= 1
     results = collect(tmp_path / "run", "synth_duke")
-    assert results["direct"]["epoch"] == 0 and results["adapted"]["epoch"] == 2
+    assert results["direct"]["epoch"] == 0 and results["adapted"]["epoch"] == 3
     assert results["adapted"]["mAP"] == pytest.approx(final["synth_duke"]["mAP"])
 
 
@@ -110,13 +112,15 @@ def test_adapt_resume_equals_uninterrupted(synth_root, source_model, tmp_path):
     run_adapt(synth_root, source_model, tmp_path / "straight", "optim.epochs=2")
     run_adapt(synth_root, source_model, tmp_path / "cut", "optim.epochs=1")
     (tmp_path / "cut" / "model_final.pth").unlink()
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as metrics:  # killed in epoch 2, after its clustering was logged
+        metrics.write(json.dumps({"epoch": 2, "clusters": {"num_clusters": 1}}) + "\n")
     run_adapt(synth_root, source_model, tmp_path / "cut", "optim.epochs=2", resume=True)
     a = torch.load(tmp_path / "straight" / "last.pth", weights_only=False)
     b = torch.load(tmp_path / "cut" / "last.pth", weights_only=False)
     assert a["num_clusters"] == b["num_clusters"]
     for key, value in a["net"].items():
         assert torch.equal(value, b["net"][key]), key
-    assert read_metrics(tmp_path / "straight")[-1] == read_metrics(tmp_path / "cut")[-1]
+    assert read_metrics(tmp_path / "straight") == read_metrics(tmp_path / "cut")
 
 
 def test_adaptation_raises_target_map_over_direct_transfer(synth_root, source_model, tmp_path):

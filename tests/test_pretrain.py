@@ -49,6 +49,8 @@ def test_resume_equals_uninterrupted(synth_root, tmp_path):
     run_pretrain(synth_root, tmp_path / "straight", *common, "optim.epochs=3")
     run_pretrain(synth_root, tmp_path / "cut", *common, "optim.epochs=2")  # killed after epoch 2 ...
     (tmp_path / "cut" / "model_final.pth").unlink()
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as metrics:  # ... in epoch 3, after a record of it was written ...
+        metrics.write('{"epoch": 3, "synth_market": {"mAP": 0.0}}\n')
     run_pretrain(synth_root, tmp_path / "cut", *common, "optim.epochs=3", resume=True)  # ... and resumed
     a = torch.load(tmp_path / "straight" / "last.pth", weights_only=False)
     b = torch.load(tmp_path / "cut" / "last.pth", weights_only=False)
@@ -57,6 +59,7 @@ def test_resume_equals_uninterrupted(synth_root, tmp_path):
         assert torch.equal(value, b["net"][key]), key
     assert torch.equal(a["center"]["centers"], b["center"]["centers"])
     assert read_metrics(tmp_path / "straight")[-1] == read_metrics(tmp_path / "cut")[-1]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [2, 3]  # the killed run's epoch-3 record is gone
 
 
 def test_refuses_to_overwrite_a_run_and_reports_bad_input_in_one_line(synth_root, tmp_path):

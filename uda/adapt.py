@@ -31,7 +31,7 @@ from uda.cli import run_main, stage_parser
 from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
 from uda.config import Config, load_config
 from uda.distributed import DistInfo, convert_sync_bn, init_distributed, pick_device, wrap_model
-from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
+from uda.engine import evaluates, fit, log_evaluation, seed_everything, set_lr, train_steps
 from uda.errors import UdaError
 from uda.evaluation.features import extract_features
 from uda.models import ClassifierHead
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch = checkpoint["epoch"]
         run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
+        run.drop_metrics_after(start_epoch)
     else:
         run.log(f"initialised from {init_path}")
         log_evaluation(run, 0, stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist))  # epoch 0 = direct transfer, before any adaptation
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{stats['pairwise_recall']:.3f} (diagnostics vs true ids)"
         )
         run.scalars(stats, epoch + 1, prefix="clusters/")
+        if not evaluates(epoch, cfg.train.eval_every, cfg.optim.epochs):  # evaluation epochs record them with the test metrics
+            run.log_metrics(epoch + 1, {"clusters": stats})
         if stats["num_clusters"] < cfg.data.num_pids:
             raise UdaError(
                 f"epoch {epoch + 1}: {stats['num_clusters']} target clusters, fewer than the {cfg.data.num_pids} "

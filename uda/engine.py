@@ -145,13 +145,18 @@ def fit(
         seconds = time.perf_counter() - start
         run.scalars({**losses, "epoch_seconds": seconds}, epoch + 1, prefix="train/")
         run.log(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" ({seconds:.1f} s)")
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+        if evaluates(epoch, eval_every, epochs):
             start = time.perf_counter()
             last_metrics = evaluate(epoch)
             log_evaluation(run, epoch + 1, last_metrics)
             run.log(f"evaluation took {time.perf_counter() - start:.1f} s")
         run.save_checkpoint(checkpoint_state(epoch + 1))
     return last_metrics
+
+
+def evaluates(epoch: int, eval_every: int, epochs: int) -> bool:
+    """Whether `fit` evaluates after 0-based `epoch`: every `eval_every` epochs and always at the last."""
+    return (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
 
 
 def log_evaluation(run: RunDir, epoch: int, metrics: dict[str, dict]) -> None:

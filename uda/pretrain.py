@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
             center.optimizer.load_state_dict(checkpoint["center_optimizer"])
         start_epoch = checkpoint["epoch"]
         run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
+        run.drop_metrics_after(start_epoch)
     train_net = wrap_model(net, dist)
     schedule = stage.build_schedule(cfg)
     amp = torch.bfloat16 if cfg.train.amp else None

@@ -117,6 +117,18 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def drop_metrics_after(self, epoch: int) -> None:
+        """On resume from a checkpoint at `epoch`: forget the records a killed run wrote after it (that
+        epoch is trained again), so metrics.jsonl ends as an uninterrupted run's would."""
+        path = self.path / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return
+        kept = [r for r in read_metrics(path) if r["epoch"] <= epoch]
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.jsonl.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)
+
     def save_checkpoint(self, state: dict, name: str = LAST_CHECKPOINT) -> None:
         if self.is_main:
             atomic_save(state, self.path / name)
