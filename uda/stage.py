@@ -44,7 +44,7 @@ COMMON_DEFAULTS: dict = {
         "num_pids": 16,  # P identities x K images per batch
         "num_instances": 4,
         "num_workers": 4,
-        "cache": True,  # decode every image once into memory
+        "cache": True,  # loader pipeline: decode every image once into memory (the device pipeline always does)
         "pipeline": "device",  # device: images resized once and held where the model trains, whole batches
         #                        augmented there | loader: per-image transforms in DataLoader workers
         "skip_corrupt": False,  # drop unreadable images (reported) instead of stopping
