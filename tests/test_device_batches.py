@@ -13,7 +13,7 @@ from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoade
 from uda.data.images import prepare_images
 from uda.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from uda.datasets.base import ImageRecord
-from uda.errors import ConfigError
+from uda.errors import ConfigError, UdaError
 
 CPU = torch.device("cpu")
 
@@ -150,3 +150,29 @@ def test_on_cuda_the_batch_matches_the_cpu_computation():
     on_cpu = augment.apply(pixels, torch.arange(16), {k: v.cpu() for k, v in params.items()})
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-6)
     assert np.isfinite(on_gpu.cpu().numpy()).all()
+
+
+def test_a_split_too_large_for_the_gpu_says_how_to_go_on(records, monkeypatch):
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", out_of_memory)
+    with pytest.raises(UdaError, match="data.pipeline=loader") as info:
+        DeviceImages.build(records, 32, 16, torch.device("cuda"), num_threads=2)
+    assert "\n" not in str(info.value) and "24 images at 32x16" in str(info.value)
+
+
+def test_test_sets_stay_in_host_memory(records):
+    cfg = load_config(stage.defaults(), None, ["data.height=32", "data.width=16"])
+    kept, images = stage.prepare_split(records, cfg, CPU, on_host=True)
+    assert images.device.type == "cpu"
+    loader = stage.make_plain_loader(kept, cfg, images, CPU)
+    assert loader.device == CPU and len(list(loader)) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_images_give_batches_on_the_gpu(records):
+    images = DeviceImages.build(records, 32, 16, CPU, num_threads=2)
+    on_gpu = torch.cat([b[0].cpu() for b in DevicePlainLoader(images, records, 10, device=torch.device("cuda"))])
+    on_cpu = torch.cat([b[0] for b in DevicePlainLoader(images, records, 10)])
+    assert torch.allclose(on_gpu, on_cpu, atol=1e-6)

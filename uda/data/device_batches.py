@@ -33,6 +33,7 @@ from uda.data.images import ImageCache, read_image
 from uda.data.sampler import PKSampler
 from uda.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from uda.datasets.base import ImageRecord
+from uda.errors import UdaError
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,14 @@ class DeviceImages:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(resize_into, range(len(paths))))
         if device.type == "cuda":
-            host = host.pin_memory()
-        images = cls(paths, host.to(device, non_blocking=True))
+            try:
+                host = host.pin_memory().to(device, non_blocking=True)
+            except torch.OutOfMemoryError:
+                raise UdaError(
+                    f"{len(paths)} images at {height}x{width} ({host.nbytes / 2**30:.1f} GiB) do not fit on {device}; "
+                    "set data.pipeline=loader (per-image loading) or lower data.height/width"
+                ) from None
+        images = cls(paths, host.to(device))
         log.info(images.summary())
         return images
 
@@ -221,11 +228,15 @@ class DeviceTrainLoader:
 
 class DevicePlainLoader:
     """Records in order, no augmentation, in batches of `batch_size`: what `test_loader` yields, from
-    device images (for evaluation and the target feature memory)."""
+    resized images (for evaluation and the target feature memory). The images may live in host memory
+    (test sets: read once per evaluation, so they need not take GPU memory) while the batches are
+    normalised on `device` (default: where the images are)."""
 
     def __init__(self, images: DeviceImages, records: Sequence[ImageRecord], batch_size: int,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 device: torch.device | None = None):
         self.images, self.batch_size, self.mean, self.std = images, batch_size, mean, std
+        self.device = device or images.device
         self._rows = images.rows(records)
         self._pids, self._camids = images.labels(records)
 
@@ -235,5 +246,5 @@ class DevicePlainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         indices = torch.arange(len(self._rows), device=self.images.device)
         for batch in indices.split(self.batch_size):
-            images = normalise(self.images.pixels[self._rows[batch]], self.mean, self.std)
-            yield images, self._pids[batch], self._camids[batch], batch
+            pixels = self.images.pixels[self._rows[batch]].to(self.device, non_blocking=True)
+            yield normalise(pixels, self.mean, self.std), self._pids[batch], self._camids[batch], batch
