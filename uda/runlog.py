@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -39,19 +39,25 @@ def code_version() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a killed run never leaves half a file."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(handle)` into a temporary file in the same folder, then rename: a killed run never leaves
+    half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def _json_value(value: Any) -> Any:
@@ -123,11 +129,8 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         if not self.is_main or not path.is_file():
             return
-        kept = [r for r in read_metrics(path) if r["epoch"] <= epoch]
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.jsonl.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, path)
+        kept = "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["epoch"] <= epoch)
+        atomic_write(path, lambda handle: handle.write(kept.encode()))
 
     def save_checkpoint(self, state: dict, name: str = LAST_CHECKPOINT) -> None:
         if self.is_main:
