@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uda import adapt, pretrain, stage
+from uda import adapt, stage
 from uda.config import load_config
 from uda.errors import UdaError
 from uda.models import build_model
@@ -71,22 +71,19 @@ def test_missing_source_model_says_which_command_makes_it(synth_root, tmp_path, 
         adapt.main(["--source", "synth_market", "--target", "synth_duke", "--data-root", str(synth_root)])
 
 
+def test_unreadable_source_model_fails_in_one_line(synth_root, tmp_path):
+    corrupt = tmp_path / "model_final.pth"
+    corrupt.write_bytes(b"truncated")
+    with pytest.raises(UdaError, match="cannot read the source model .*model_final.pth"):
+        adapt.main(["--source", "synth_market", "--target", "synth_duke", "--data-root", str(synth_root), "--init", str(corrupt)])
+
+
 # device=cpu: the thresholds were calibrated on the CPU, and exact resume needs deterministic kernels
 # (on a GPU only with deterministic=true); CUDA paths have their own CUDA-only tests.
 TINY = [
     "device=cpu", "data.synth_preset=tiny", "data.num_workers=0", "model.backbone=resnet18_w16", "data.height=64", "data.width=32",
     "eval.batch_size=64", "data.num_pids=4", "cluster.k1=10", "cluster.min_samples=2", "cluster.eps=0.4", "adapt.iters=4",
 ]
-
-
-@pytest.fixture(scope="module")
-def source_model(synth_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrain") / "run"
-    pretrain.main(["--source", "synth_market", "--data-root", str(synth_root), "--output-dir", str(out), "--opts", "device=cpu",
-                   "data.synth_preset=tiny", "data.num_workers=0", "model.backbone=resnet18_w16", "model.pretrained=none",
-                   "data.height=64", "data.width=32", "eval.batch_size=64", "optim.lr=3.5e-3", "optim.warmup_epochs=2",
-                   "optim.warmup_from=3.5e-4", "optim.milestones=[20]", "optim.epochs=12", "train.eval_every=12"])
-    return out / "model_final.pth"
 
 
 def run_adapt(synth_root, source_model, out, *extra, resume=False):

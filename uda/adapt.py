@@ -64,19 +64,6 @@ def default_init(cfg: Config) -> Path:
     return path
 
 
-def load_init_weights(model: torch.nn.Module, path: Path) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise UdaError(f"cannot read the source model {path} ({exc})") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UdaError(f"{path} does not fit this model (model.* settings differ from the pretrain run): {first}") from None
-
-
 def memory_features(model: torch.nn.Module, loader, desc: str) -> torch.Tensor:
     """(N, D) L2-normalised, flip-averaged features of a whole split with the current model."""
     return extract_features(model, loader, flip=True, normalize=True, desc=desc)
@@ -124,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg)
     seed_everything(cfg.seed)
     model = stage.build_reid_model(cfg, pretrained="none")
-    load_init_weights(model, init_path)  # before any image is decoded: a wrong source model fails early
+    stage.load_model_weights(model, stage.read_checkpoint(init_path, "source model"), init_path)  # before any image is decoded: a wrong source model fails early
     output_dir = args.output_dir or Path("runs") / "adapt" / f"{cfg.data.source}2{cfg.data.target}"
     run = RunDir(output_dir, cfg, resume=args.resume, is_main=dist.is_main)
     run.log(source.summary())

@@ -41,8 +41,9 @@ def collect(adapt_dir: Path, target: str, oracle_dir: Path | None = None) -> dic
     return results
 
 
-def markdown_table(results: dict, target: str) -> str:
-    lines = [f"| {target} (target test) | mAP | rank-1 | rank-5 | rank-10 |", "|---|---|---|---|---|"]
+def markdown_table(results: dict, title: str) -> str:
+    """One row per result ("<name>_rerank" shown as "<name> + re-ranking"), percentages."""
+    lines = [f"| {title} | mAP | rank-1 | rank-5 | rank-10 |", "|---|---|---|---|---|"]
     for name, row in results.items():
         lines.append(f"| {name.replace('_rerank', ' + re-ranking')} | " + " | ".join(f"{100 * row[k]:.1f}" for k in COLUMNS) + " |")
     return "\n".join(lines)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results = collect(args.adapt, args.target, args.oracle)
-    print(markdown_table(results, args.target))
+    print(markdown_table(results, f"{args.target} (target test)"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -4,7 +4,9 @@ evaluation of test sets. One place for each, so the two entry points cannot drif
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from uda.datasets import ReIDDataset, load_dataset
 from uda.datasets.base import ImageRecord, subset_identities
 from uda.distributed import DistInfo, barrier
 from uda.engine import Schedule
-from uda.errors import ConfigError
+from uda.errors import ConfigError, UdaError
 from uda.evaluation.distance import pairwise_distance
 from uda.evaluation.features import extract_features
 from uda.evaluation.metrics import evaluate
@@ -250,6 +252,35 @@ def _summary(metrics: dict) -> dict:
 def build_reid_model(cfg: Config, pretrained: str | None = None) -> ReIDModel:
     m = cfg.model
     return build_model(m.backbone, pretrained or m.pretrained, m.last_stride, m.pooling, m.bnneck)
+
+
+def read_checkpoint(path: str | Path, what: str = "model") -> dict:
+    """A saved model or run checkpoint as a dict ({"model": state} for a bare state dict), or one line
+    naming the file that cannot be read."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise UdaError(f"cannot read the {what} {path} ({exc})") from None
+    if not isinstance(checkpoint, dict):
+        raise UdaError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint of pretrain.py / adapt.py")
+    if "model" in checkpoint or "net" in checkpoint:
+        return checkpoint
+    return {"model": checkpoint}
+
+
+def load_model_weights(model: ReIDModel, checkpoint: dict, path: str | Path) -> None:
+    """Put a checkpoint's ReID model into `model`: model_final.pth holds it as "model", a run's last.pth
+    as the "model." part of "net" (the model with its classifier heads)."""
+    if "model" in checkpoint:
+        state = checkpoint["model"]
+    else:
+        state = {key[len("model."):]: value for key, value in checkpoint["net"].items() if key.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise UdaError(f"{path} does not fit this model (model.* settings differ from the run that saved it): {first}") from None
 
 
 def build_classifier(cfg: Config, in_features: int, num_classes: int) -> ClassifierHead:

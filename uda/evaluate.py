@@ -1,0 +1,63 @@
+"""Score a saved model on the test sets of one or more datasets, with the code the stages evaluate with.
+
+    python uda/evaluate.py --model runs/pretrain/market/model_final.pth --dataset duke [market ...]
+        [--data-root DIR] [--json PATH] [--opts eval.rerank=true train.amp=false ...]
+
+The architecture and the evaluation settings (image size, flip averaging, metric, re-ranking, bf16)
+come from the config saved with the model, so a model scores here what its own run recorded;
+--opts changes them. Takes a model_final.pth or a run's last.pth (the model at its last epoch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python uda/evaluate.py`: import the package, not uda/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from uda import stage
+from uda.cli import run_main
+from uda.config import load_config
+from uda.distributed import DistInfo, pick_device
+from uda.report import markdown_table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="model_final.pth or last.pth of pretrain.py / adapt.py")
+    parser.add_argument("--dataset", required=True, nargs="+", help="test sets: market, duke, msmt17, synth_market, synth_duke")
+    parser.add_argument("--data-root", help="folder holding the datasets (default: the saved config's, else $UDA_DATA, else ./data)")
+    parser.add_argument("--json", type=Path, help="also write {set: {mAP, mINP, rank1, rank5, rank10}} here")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.rerank=true")
+    args = parser.parse_args(argv)
+
+    checkpoint = stage.read_checkpoint(args.model)
+    saved = checkpoint.get("config") or stage.defaults()  # a bare state dict: the default model unless --opts say otherwise
+    opts = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.opts)
+    cfg = load_config(saved, None, opts)
+    stage.set_backends(cfg)
+    device = pick_device(DistInfo(), cfg.device)
+    datasets = [stage.load_named_dataset(name, cfg) for name in args.dataset]  # parsing only: a wrong path fails at once
+    model = stage.build_reid_model(cfg, pretrained="none")
+    stage.load_model_weights(model, checkpoint, args.model)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    test_sets = [stage.make_test_set(dataset, cfg, device) for dataset in datasets]
+    results = stage.evaluate_test_sets(model, test_sets, cfg, device)
+    print(markdown_table(results, f"{args.model} (test)"))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
