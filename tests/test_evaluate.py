@@ -1,7 +1,9 @@
 """uda/evaluate.py: a saved model scores what its own run recorded; bad model files fail in one line."""
 import json
+import warnings
 
 import pytest
+import torch
 
 from uda import evaluate
 from uda.errors import UdaError
@@ -39,3 +41,16 @@ def test_bad_model_files_fail_in_one_line(source_model, synth_root, tmp_path):
         evaluate.main(["--model", str(corrupt), *common])
     with pytest.raises(UdaError, match="does not fit this model"):
         evaluate.main(["--model", str(source_model), *common, "--opts", "model.backbone=resnet18_w32"])
+
+
+def test_amp_means_bf16_and_warns_on_the_cpu():
+    from uda import stage
+    from uda.config import load_config
+
+    on = load_config(stage.defaults(), opts=["train.amp=true"])
+    assert stage.amp_dtype(load_config(stage.defaults()), torch.device("cpu")) is None
+    with pytest.warns(RuntimeWarning, match="train.amp=false"):
+        assert stage.amp_dtype(on, torch.device("cpu")) is torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert stage.amp_dtype(on, torch.device("cuda")) is torch.bfloat16  # no CUDA needed: only the type is read

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.log(f"initialised from {init_path}")
         log_evaluation(run, 0, stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist))  # epoch 0 = direct transfer, before any adaptation
     schedule = stage.build_schedule(cfg)
-    amp = torch.bfloat16 if cfg.train.amp else None
+    amp = stage.amp_dtype(cfg, device)
     state = {"train_net": wrap_model(net, dist), "cluster_stats": {}}
 
     def compute_losses(batch) -> dict:

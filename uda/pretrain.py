@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.drop_metrics_after(start_epoch)
     train_net = wrap_model(net, dist)
     schedule = stage.build_schedule(cfg)
-    amp = torch.bfloat16 if cfg.train.amp else None
+    amp = stage.amp_dtype(cfg, device)
 
     def compute_losses(batch) -> dict:
         images, pids = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,17 @@ def set_backends(cfg: Config) -> None:
     torch.backends.cudnn.benchmark = not cfg.deterministic
 
 
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 when train.amp (autocast for training and feature extraction), else None. On a CPU without
+    native bf16, autocast emulates it: 5x slower than fp32 on our 2-core machine, so a run there says so."""
+    if not cfg.train.amp:
+        return None
+    if device.type == "cpu":
+        warnings.warn("train.amp=true on the CPU: bf16 autocast is often several times slower there than fp32 (--opts train.amp=false)",
+                      RuntimeWarning, stacklevel=2)  # shown once per place
+    return torch.bfloat16
+
+
 def load_named_dataset(name: str | None, cfg: Config) -> ReIDDataset:
     if not name:
         raise ConfigError("no dataset named: pass --source (and --target), e.g. --source market --target duke")
@@ -224,7 +236,7 @@ def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: t
     if cfg.eval.metric not in ("cosine", "euclidean"):
         raise ConfigError(f"eval.metric must be 'cosine' or 'euclidean', got {cfg.eval.metric!r}")
     results: dict[str, dict] = {}
-    amp = torch.bfloat16 if cfg.train.amp else None
+    amp = amp_dtype(cfg, device)
     for test_set in test_sets:
         features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}")
         num_query = len(test_set.query)
