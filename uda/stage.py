@@ -4,7 +4,6 @@ evaluation of test sets. One place for each, so the two entry points cannot drif
 from __future__ import annotations
 
 import copy
-import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,8 +270,8 @@ def read_checkpoint(path: str | Path, what: str = "model") -> dict:
     naming the file that cannot be read."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise UdaError(f"cannot read the {what} {path} ({exc})") from None
+    except Exception as exc:  # as RunDir.load_checkpoint and the backbone's weights: any failure means unreadable
+        raise UdaError(f"cannot read the {what} {path} ({type(exc).__name__}: {exc})") from None
     if not isinstance(checkpoint, dict):
         raise UdaError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint of pretrain.py / adapt.py")
     if "model" in checkpoint or "net" in checkpoint:
