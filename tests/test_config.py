@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from uda.config import dump_config, load_config, parse_opts
@@ -59,3 +61,37 @@ def test_dump_round_trip(tmp_path):
     again = load_config(DEFAULTS, tmp_path / "config.yaml")
     assert again == cfg
     assert parse_opts(["a.b.c=2"]) == {"a": {"b": {"c": 2}}}
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ARCHITECTURE = ["model.backbone", "model.last_stride", "model.pooling", "model.bnneck", "data.height", "data.width"]
+
+
+def _get(cfg, dotted: str):
+    for key in dotted.split("."):
+        cfg = getattr(cfg, key)
+    return cfg
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("pretrain/**/*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_pretrain_config_loads(path):
+    from uda import pretrain
+
+    cfg = load_config(pretrain.DEFAULTS, path)  # an unknown key or a wrong type fails here, not hours into a run
+    assert cfg.data.source, f"{path.name} must name its source dataset"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("uda/*.yaml")), ids=lambda p: p.name)
+def test_every_uda_config_loads_and_matches_its_source_model(path):
+    """The pipeline scripts pair configs/uda/S2T[_V].yaml with configs/pretrain/S[_V].yaml: the adapted
+    model must be the source model's architecture at its image size, or its weights load wrongly or not at all."""
+    from uda import adapt, pretrain
+
+    cfg = load_config(adapt.DEFAULTS, path)
+    source, target = cfg.data.source, cfg.data.target
+    assert path.stem.startswith(f"{source}2{target}"), f"{path.name} is not named after {source} -> {target}"
+    variant = path.stem[len(f"{source}2{target}"):]
+    source_cfg = load_config(pretrain.DEFAULTS, CONFIGS / "pretrain" / f"{source}{variant}.yaml")
+    assert source_cfg.data.source == source
+    for key in ARCHITECTURE:
+        assert _get(cfg, key) == _get(source_cfg, key), f"{path.name}: {key} differs from its source model's config"

@@ -91,11 +91,21 @@ def test_torchrun_two_processes_on_cpu(synth_root, tmp_path):
     assert (tmp_path / "ddp" / "model_final.pth").is_file()
 
 
-def test_market2duke_script_stops_with_the_missing_dataset_message(tmp_path):
+def _market2duke(*args: str) -> subprocess.CompletedProcess:
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable}
-    result = subprocess.run(["bash", "scripts/market2duke.sh", "--data-root", str(tmp_path / "nowhere")], cwd=repo,
-                            env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(["bash", "scripts/market2duke.sh", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("variant", [[], ["--variant", "cpu"]], ids=["recipe", "cpu"])
+def test_market2duke_script_stops_with_the_missing_dataset_message(tmp_path, variant):
+    result = _market2duke(*variant, "--data-root", str(tmp_path / "nowhere"))
     assert result.returncode != 0
     assert "error: market not found under data root" in result.stderr and "Market-1501-v15.09.15" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_market2duke_script_names_a_missing_variant_config():
+    result = _market2duke("--variant", "tpu")
+    assert result.returncode == 2
+    assert "no config configs/pretrain/market_tpu.yaml" in result.stderr
