@@ -125,7 +125,13 @@ def cli_overrides(args) -> list[str]:
 
 def set_backends(cfg: Config) -> None:
     """cfg.deterministic: exact repeats (torch's deterministic algorithms); otherwise let cuDNN time its
-    convolution algorithms once per input shape and keep the fastest (shapes are fixed here)."""
+    convolution algorithms once per input shape and keep the fastest (shapes are fixed here).
+
+    On the CPU, subnormal floats (below 1.2e-38) are flushed to zero: late in a from-scratch run weight
+    decay drives the weights of dead channels subnormal, and x86 arithmetic on them made epochs up to
+    9x slower (scripts/bench_denormal.py). torch's worker threads inherit the setting only when it is
+    made before its thread pool starts: the stages call this before any tensor work."""
+    torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.benchmark = not cfg.deterministic
 
