@@ -24,7 +24,6 @@ import torch  # noqa: E402
 
 from uda import stage  # noqa: E402
 from uda.config import load_config  # noqa: E402
-from uda.pretrain import DEFAULTS  # noqa: E402
 
 
 def subnormal_count(tensor: torch.Tensor) -> int:
@@ -35,9 +34,7 @@ def time_steps(checkpoint_path: Path, batch: int, steps: int) -> None:
     """Child process: median ms of a forward + backward of the checkpoint's model (printed last)."""
     torch.manual_seed(0)
     checkpoint = stage.read_checkpoint(checkpoint_path)
-    saved = checkpoint["config"]
-    cfg = load_config(DEFAULTS, None, [f"model.{k}={v}" for k, v in saved["model"].items() if k != "pretrained"]
-                      + [f"data.height={saved['data']['height']}", f"data.width={saved['data']['width']}"])
+    cfg = load_config(checkpoint["config"])  # the run's own model and image size
     model = stage.build_reid_model(cfg, pretrained="none")
     stage.load_model_weights(model, checkpoint, checkpoint_path)
     weights = [p.detach() for p in model.parameters()]
