@@ -10,7 +10,6 @@ come from the config saved with the model, so a model scores here what its own r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from uda import stage
 from uda.cli import run_main
 from uda.config import load_config
 from uda.distributed import DistInfo, pick_device
-from uda.report import markdown_table
+from uda.report import publish
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = model.to(memory_format=torch.channels_last)
     test_sets = [stage.make_test_set(dataset, cfg, device) for dataset in datasets]
     results = stage.evaluate_test_sets(model, test_sets, cfg, device)
-    print(markdown_table(results, f"{args.model} (test)"))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    publish(results, f"{args.model} (test)", args.json)
     return results
 
 

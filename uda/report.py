@@ -49,6 +49,13 @@ def markdown_table(results: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def publish(results: dict, title: str, json_path: Path | None) -> None:
+    """Print the table; with json_path also write the results there (the CLIs' shared ending)."""
+    print(markdown_table(results, title))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapt", required=True, type=Path, help="run folder of uda/adapt.py")
@@ -57,9 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results = collect(args.adapt, args.target, args.oracle)
-    print(markdown_table(results, f"{args.target} (target test)"))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    publish(results, f"{args.target} (target test)", args.json)
     return results
 
 
