@@ -23,7 +23,7 @@ case "$preset" in
   small) pretrain_opts=(); adapt_opts=() ;;
   tiny) # a smoke test of the same pipeline in about 2 minutes
     pretrain_opts=(optim.epochs=24 optim.milestones=[18] train.eval_every=12 data.num_pids=8)
-    adapt_opts=(optim.epochs=3 optim.milestones=[10] adapt.iters=10 data.num_pids=8 cluster.k1=8 cluster.k2=3 cluster.min_samples=3) ;;
+    adapt_opts=(optim.epochs=5 optim.milestones=[10] adapt.iters=20 data.num_pids=4 cluster.k1=8 cluster.k2=3 cluster.min_samples=3) ;;
   *) echo "error: --preset must be small or tiny" >&2; exit 2 ;;
 esac
 

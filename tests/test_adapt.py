@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from uda import adapt, stage
 from uda.config import load_config
-from uda.errors import UdaError
+from uda.errors import ClusteringError, ConfigError, UdaError
 from uda.models import build_model
 from uda.report import collect
 from uda.runlog import read_metrics
@@ -123,16 +123,18 @@ def test_adapt_resume_equals_uninterrupted(synth_root, source_model, tmp_path):
 
 
 def test_adaptation_raises_target_map_over_direct_transfer(synth_root, source_model, tmp_path):
-    """The tiny preset with the demo's settings: clustering the target and training on the clusters
-    must beat the source model on the target (epoch 0) at the LAST epoch."""
+    """The tiny preset with `scripts/demo.sh --preset tiny`'s adaptation settings: clustering the target
+    and training on the clusters must beat the source model on the target (epoch 0) at the LAST epoch.
+    Seeds 0-3 gave +12.6 to +21.8 mAP points over direct transfer's 20.0 (2026-11-23): a +5 margin
+    fails only when adaptation stops working, not on an unlucky draw."""
     config = Path(__file__).resolve().parents[1] / "configs" / "uda" / "synth_market2synth_duke.yaml"
     adapt.main(["--config", str(config), "--source", "synth_market", "--target", "synth_duke", "--data-root", str(synth_root),
                 "--init", str(source_model), "--output-dir", str(tmp_path / "run"), "--opts", "data.synth_preset=tiny",
-                "data.num_workers=0", "optim.epochs=3", "optim.milestones=[10]", "adapt.iters=10", "data.num_pids=8",
+                "data.num_workers=0", "optim.epochs=5", "optim.milestones=[10]", "adapt.iters=20", "data.num_pids=4",
                 "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=3"])
     results = collect(tmp_path / "run", "synth_duke")
-    assert results["adapted"]["epoch"] == 3
-    assert results["adapted"]["mAP"] > results["direct"]["mAP"] + 0.02, results
+    assert results["adapted"]["epoch"] == 5
+    assert results["adapted"]["mAP"] > results["direct"]["mAP"] + 0.05, results
 
 
 def test_camera_normalize_groups_people_across_cameras_when_cameras_dominate():
@@ -155,3 +157,37 @@ def test_camera_normalize_groups_people_across_cameras_when_cameras_dominate():
     aware_stats = cluster_stats(adapt.cluster_target(features, cams, aware, cpu, DistInfo()), ids.numpy())
     assert aware_stats["nmi"] > 0.95 and aware_stats["num_clusters"] == 6
     assert plain_stats["nmi"] < aware_stats["nmi"] - 0.1, (plain_stats, aware_stats)
+
+
+@pytest.mark.parametrize("opt, message", [
+    ("model.pretrained=imagenet", "does not apply to adapt"),
+    ("cluster.knn_backend=annoy", "cluster.knn_backend must be"),
+    ("cluster.knn_backend=faiss", "needs faiss"),
+])
+def test_adapt_settings_that_would_do_nothing_or_fail_late_are_refused_first(opt, message, monkeypatch, tmp_path):
+    real_find_spec = adapt.importlib.util.find_spec
+    monkeypatch.setattr(adapt.importlib.util, "find_spec", lambda name: None if name == "faiss" else real_find_spec(name))
+    with pytest.raises(ConfigError, match=message):  # before the data root (which does not exist) is even read
+        adapt.main(["--source", "market", "--target", "duke", "--data-root", str(tmp_path / "nowhere"), "--opts", opt])
+
+
+def test_a_clustering_error_stops_every_process_with_the_main_ones_message(monkeypatch):
+    """Under torchrun only the main process clusters; if it fails, the others must not wait for labels."""
+    from uda.distributed import DistInfo
+
+    sent = []
+
+    def broadcast(objects, src):  # the main process's list is what every process receives
+        if sent:
+            objects[0] = sent[0]
+        else:
+            sent.append(objects[0])
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    far_apart = F.normalize(torch.randn(12, 256, generator=torch.Generator().manual_seed(0)), dim=1)  # no dense region
+    cfg = load_config(adapt.DEFAULTS, opts=["cluster.k1=4", "cluster.k2=2", "cluster.eps=0.2"])
+    cams = torch.zeros(12, dtype=torch.int64)
+    for rank in (0, 1):
+        with pytest.raises(ClusteringError, match="no cluster") as info:
+            adapt.cluster_target(far_apart, cams, cfg, torch.device("cpu"), DistInfo(rank=rank, world_size=2))
+        assert info.value is sent[0]

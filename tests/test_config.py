@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from uda.config import dump_config, load_config, parse_opts
+from uda.config import config_changes, dump_config, flatten, load_config, parse_opts
 from uda.errors import ConfigError
 
 DEFAULTS = {
@@ -95,3 +95,10 @@ def test_every_uda_config_loads_and_matches_its_source_model(path):
     assert source_cfg.data.source == source
     for key in ARCHITECTURE:
         assert _get(cfg, key) == _get(source_cfg, key), f"{path.name}: {key} differs from its source model's config"
+
+
+def test_config_changes_name_each_leaf_that_differs():
+    old = {"seed": 0, "optim": {"lr": 0.1, "milestones": [20, 40]}, "data": {"root": None}}
+    new = {"seed": 0, "optim": {"lr": 0.1, "milestones": [20]}, "data": {"root": "x"}, "cluster": {"eps": 0.6}}
+    assert flatten(old) == {"seed": 0, "optim.lr": 0.1, "optim.milestones": [20, 40], "data.root": None}
+    assert config_changes(old, new) == {"optim.milestones": ([20, 40], [20]), "data.root": (None, "x")}  # keys only one has: not changes

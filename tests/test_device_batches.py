@@ -141,6 +141,27 @@ def test_stage_builds_device_or_loader_pipeline_from_the_config(records):
         stage.prepare_split(records, load_config(defaults, None, ["data.pipeline=gpu"]), CPU)
 
 
+@pytest.mark.parametrize("pipeline", ["device", "loader"])
+def test_side_by_side_streams_draw_independently(records, pipeline):
+    # adapt.py trains on a source and a target loader at once: built from one seed they would draw the
+    # same P x K positions and the same flips, crops and erasing boxes for both, step after step.
+    cfg = load_config(stage.defaults(), None, [f"data.pipeline={pipeline}", "data.height=32", "data.width=16", "data.num_pids=3", "data.num_workers=0"])
+    kept, images = stage.prepare_split(records, cfg, CPU)
+
+    def first_batch(stream: int):
+        loader = stage.make_train_loader(kept, cfg, images, num_iterations=1, stream=stream)
+        loader.sampler.set_epoch(2)
+        return next(iter(loader))
+
+    source, target, target_again = first_batch(0), first_batch(1), first_batch(1)
+    assert torch.equal(target[0], target_again[0]) and torch.equal(target[3], target_again[3])
+    assert not torch.equal(source[3], target[3])  # which images
+    assert not torch.equal(source[0], target[0])
+    assert stage.stream_seed(cfg.seed, 0) == cfg.seed  # the source stream is pretraining's
+    seeds = {stage.stream_seed(seed, stream) for seed in range(4) for stream in range(3)}
+    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_the_batch_matches_the_cpu_computation():
     pixels = torch.from_numpy(noise(16 * 20, 10, seed=3)).reshape(16, 20, 10, 3)

@@ -89,3 +89,17 @@ def test_atomic_save_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["v"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_resume_refuses_another_experiment_and_logs_allowed_changes(tmp_path):
+    cfg = load_config({"seed": 1, "optim": {"lr": 0.1, "epochs": 2}, "data": {"root": "a"}})
+    run = RunDir(tmp_path / "run", cfg)
+    run.save_checkpoint({"epoch": 1})
+    run.close()
+    with pytest.raises(UdaError, match=r"optim.lr: 0.1 -> 0.2.*seed: 1 -> 2"):
+        RunDir(tmp_path / "run", load_config(cfg, None, ["optim.lr=0.2", "seed=2"]), resume=True)
+    assert "lr: 0.1" in (tmp_path / "run" / "config.yaml").read_text()  # a refused resume leaves the record alone
+    moved = RunDir(tmp_path / "run", load_config(cfg, None, ["data.root=b", "optim.epochs=4"]), resume=True)
+    moved.close()
+    assert "resumed with changed settings: data.root 'a' -> 'b', optim.epochs 2 -> 4" in (tmp_path / "run" / "log.txt").read_text()
+    assert "epochs: 4" in (tmp_path / "run" / "config.yaml").read_text()

@@ -99,7 +99,7 @@ def _market2duke(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("variant", [[], ["--variant", "cpu"]], ids=["recipe", "cpu"])
 def test_market2duke_script_stops_with_the_missing_dataset_message(tmp_path, variant):
-    result = _market2duke(*variant, "--data-root", str(tmp_path / "nowhere"))
+    result = _market2duke(*variant, "--data-root", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode != 0
     assert "error: market not found under data root" in result.stderr and "Market-1501-v15.09.15" in result.stderr
     assert "Traceback" not in result.stderr

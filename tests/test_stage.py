@@ -4,6 +4,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
+
+from uda import pretrain, stage
+from uda.config import load_config
+from uda.datasets.base import ImageRecord
+from uda.errors import ConfigError
 
 # A fresh interpreter, as a stage starts: set_backends first, then an elementwise op large enough that
 # torch splits it across its worker threads. Every output must be flushed: a thread that did not inherit
@@ -26,3 +33,42 @@ def test_set_backends_flushes_subnormals_in_every_cpu_thread(call_set_backends, 
                             cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) == expected_nonzero
+
+
+@pytest.mark.parametrize("opt, message", [
+    ("train.eval_every=0", "train.eval_every must be"),
+    ("eval.metric=l1", "eval.metric must be"),
+    ("data.pipeline=gpu", "data.pipeline must be"),
+])
+def test_settings_that_would_fail_late_are_refused_at_once(opt, message):
+    stage.check_settings(load_config(pretrain.DEFAULTS))  # the defaults pass
+    with pytest.raises(ConfigError, match=message):
+        stage.check_settings(load_config(pretrain.DEFAULTS, None, [opt]))
+
+
+def test_deterministic_runs_fix_the_cublas_workspace(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        stage.set_backends(load_config(pretrain.DEFAULTS, None, ["deterministic=true"]))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        stage.set_backends(load_config(pretrain.DEFAULTS))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_training_ids_stay_contiguous_when_corrupt_images_take_a_whole_identity(tmp_path):
+    # ids 0, 1, 2; every image of id 1 unreadable: with data.skip_corrupt the kept ids must be 0, 1
+    records = []
+    for pid in range(3):
+        for k in range(2):
+            path = tmp_path / f"{pid}_{k}.jpg"
+            if pid == 1:
+                path.write_bytes(b"not a jpeg")
+            else:
+                Image.new("RGB", (8, 16), (40 * pid, 10 * k, 0)).save(path)
+            records.append(ImageRecord(str(path), pid, k, pid))
+    cfg = load_config(pretrain.DEFAULTS, None, ["data.skip_corrupt=true", "data.height=16", "data.width=8"])
+    kept, _ = stage.prepare_train_split(records, cfg, torch.device("cpu"))
+    assert [r.pid for r in kept] == [0, 0, 1, 1]
+    assert [r.orig_pid for r in kept] == [0, 0, 2, 2]

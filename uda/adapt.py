@@ -16,6 +16,7 @@ The reported result is the last epoch's: no best-epoch picking on target test la
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo
 from uda.config import Config, load_config
 from uda.distributed import DistInfo, convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import evaluates, fit, log_evaluation, seed_everything, set_lr, train_steps
-from uda.errors import UdaError
+from uda.errors import ConfigError, UdaError
 from uda.evaluation.features import extract_features
 from uda.models import ClassifierHead
 from uda.pretrain import default_output_dir as pretrain_output_dir
@@ -79,17 +80,37 @@ def replace_head(head: ClassifierHead, optimizer: torch.optim.Optimizer, group: 
 
 def cluster_target(features: torch.Tensor, camids: torch.Tensor, cfg: Config, device: torch.device, dist: DistInfo) -> np.ndarray:
     """Pseudo-labels (N,) of the target memory; computed once on the main process and broadcast, so
-    every GPU trains on the same clusters."""
-    labels = [None]
+    every GPU trains on the same clusters. A clustering error travels the same way: every process
+    stops with the main one's message instead of waiting for labels that never come."""
+    labels: list = [None]
     if dist.is_main:
         c = cfg.cluster
-        if c.camera_normalize:
-            features = remove_camera_means(features, camids)
-        distances = jaccard_distance(features, k1=c.k1, k2=c.k2, device=device, knn_backend=c.knn_backend, max_distance=c.eps)
-        labels[0] = pseudo_labels(distances, eps=c.eps, min_samples=c.min_samples, keep_outliers=c.keep_outliers)
+        try:
+            if c.camera_normalize:
+                features = remove_camera_means(features, camids)
+            distances = jaccard_distance(features, k1=c.k1, k2=c.k2, device=device, knn_backend=c.knn_backend, max_distance=c.eps)
+            labels[0] = pseudo_labels(distances, eps=c.eps, min_samples=c.min_samples, keep_outliers=c.keep_outliers)
+        except UdaError as exc:
+            labels[0] = exc
     if dist.enabled:
         torch.distributed.broadcast_object_list(labels, src=0)
+    if isinstance(labels[0], UdaError):
+        raise labels[0]
     return labels[0]
+
+
+def check_adapt_settings(cfg: Config) -> None:
+    """Adaptation settings that would otherwise fail, or do nothing, only after the first feature memory."""
+    if str(cfg.model.pretrained).lower() != "none":
+        raise ConfigError(
+            f"model.pretrained={cfg.model.pretrained!r} does not apply to adapt: its weights come from the source "
+            "model (--init); give backbone weights to pretrain.py instead"
+        )
+    if cfg.cluster.knn_backend not in ("torch", "faiss"):
+        raise ConfigError(f"cluster.knn_backend must be 'torch' or 'faiss', got {cfg.cluster.knn_backend!r}")
+    if cfg.cluster.knn_backend == "faiss" and importlib.util.find_spec("faiss") is None:
+        raise ConfigError("cluster.knn_backend=faiss needs faiss (pip install -e '.[gpu]', or faiss-cpu); "
+                          "or use cluster.knn_backend=torch")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(DEFAULTS, args.config, opts)
     if not cfg.data.target:
         raise UdaError("adapt needs --target (the unlabelled dataset to adapt to), e.g. --source market --target duke")
+    stage.check_settings(cfg)
+    check_adapt_settings(cfg)
     stage.set_backends(cfg)
 
     dist = init_distributed()
@@ -117,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     run.log(source.summary())
     run.log(target.summary())
 
-    source_train, source_images = stage.prepare_split(source.train, cfg, device)
-    target_train, target_images = stage.prepare_split(target.train, cfg, device)
+    source_train, source_images = stage.prepare_train_split(source.train, cfg, device)
+    target_train, target_images = stage.prepare_train_split(target.train, cfg, device)
     target_true_ids = np.array([r.orig_pid for r in target_train])  # diagnostics only
     target_camids = torch.tensor([r.camid for r in target_train])  # cameras are known without labels
     target_memory_loader = stage.make_plain_loader(target_train, cfg, target_images)
@@ -196,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
         replace_head(net.heads["target"], optimizer, 1, cluster_centers(features, labels).to(device))
         state["train_net"] = wrap_model(net, dist)
         pseudo = [dataclasses.replace(r, pid=int(label)) for r, label in zip(target_train, labels) if label >= 0]
-        target_loader = stage.make_train_loader(pseudo, cfg, target_images, rank=dist.rank, world_size=dist.world_size, num_iterations=iters)
+        target_loader = stage.make_train_loader(
+            pseudo, cfg, target_images, rank=dist.rank, world_size=dist.world_size, num_iterations=iters, stream=1,
+        )
         lr = schedule.lr(epoch)
         set_lr(optimizer, lr)
         source_loader.sampler.set_epoch(epoch)

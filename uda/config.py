@@ -108,3 +108,20 @@ def load_config(defaults: dict, path: str | Path | None = None, opts: Iterable[s
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim.lr': 3.5e-4, ...}: one entry per leaf key, as `--opts` names them."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{key: (old value, new value)} for the keys both configs have and set differently."""
+    before, after = flatten(old), flatten(new)
+    return {key: (before[key], after[key]) for key in before.keys() & after.keys() if before[key] != after[key]}

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     saved = checkpoint.get("config") or stage.defaults()  # a bare state dict: the default model unless --opts say otherwise
     opts = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.opts)
     cfg = load_config(saved, None, opts)
+    stage.check_settings(cfg)
     stage.set_backends(cfg)
     device = pick_device(DistInfo(), cfg.device)
     datasets = [stage.load_named_dataset(name, cfg) for name in args.dataset]  # parsing only: a wrong path fails at once

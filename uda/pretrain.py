@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pretrained:
         opts.insert(0, f"model.pretrained={args.pretrained}")
     cfg = load_config(DEFAULTS, args.config, opts)
+    stage.check_settings(cfg)
     stage.set_backends(cfg)
 
     dist = init_distributed()
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = stage.build_reid_model(cfg)  # before any image is decoded: a wrong weights path fails early
     run = RunDir(args.output_dir or default_output_dir(source_name), cfg, resume=args.resume, is_main=dist.is_main)
 
-    train_records, train_images = stage.prepare_split(source.train, cfg, device)
+    train_records, train_images = stage.prepare_train_split(source.train, cfg, device)
     loader = stage.make_train_loader(train_records, cfg, train_images, rank=dist.rank, world_size=dist.world_size)
     test_sets = []
     for dataset in [d for d in (source, target) if d is not None]:

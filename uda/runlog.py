@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
+import yaml
 
-from uda.config import Config, dump_config
+from uda.config import Config, config_changes, dump_config
 from uda.errors import UdaError
 
 LAST_CHECKPOINT = "last.pth"
@@ -68,6 +69,30 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+# Settings a resumed run may change: where things are and how fast they run, how long it trains and how
+# often it evaluates. Any other change would make one run of two experiments.
+RESUME_MAY_CHANGE = frozenset({
+    "data.root", "data.num_workers", "data.cache", "eval.batch_size", "eval.rerank", "device", "adapt.init",
+    "optim.epochs", "train.eval_every",
+})
+
+
+def check_resumable(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """The allowed changes from the run's saved config.yaml to `cfg`; UdaError naming any other."""
+    saved = path / "config.yaml"
+    if not saved.is_file():
+        return {}
+    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
+        raise UdaError(
+            f"{path} was run with other settings ({listed}); a resumed run must go on with the config it "
+            "started with (its config.yaml): resume without these changes, or choose another --output-dir"
+        )
+    return changes
+
+
 class RunDir:
     """One experiment's folder. `resume=False` refuses to overwrite a folder that already holds a run."""
 
@@ -84,6 +109,7 @@ class RunDir:
             raise UdaError(
                 f"{self.path} already holds a run; pass --resume to continue it or choose another --output-dir"
             )
+        changes = check_resumable(self.path, cfg) if resume else {}
         self.path.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.path / "config.yaml")
         (self.path / "version.txt").write_text(
@@ -98,6 +124,8 @@ class RunDir:
         from tensorboardX import SummaryWriter  # imported here: only the main process writes events
 
         self.writer = SummaryWriter(str(self.path / "tb"))
+        if changes:
+            self.log("resumed with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
 
     def log(self, message: str) -> None:
         if self.is_main:

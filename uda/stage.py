@@ -4,10 +4,12 @@ evaluation of test sets. One place for each, so the two entry points cannot drif
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -17,7 +19,7 @@ from uda.data import prepare_images, test_loader, test_transform, train_loader, 
 from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoader, DeviceTrainLoader
 from uda.data.images import ImageCache
 from uda.datasets import ReIDDataset, load_dataset
-from uda.datasets.base import ImageRecord, subset_identities
+from uda.datasets.base import ImageRecord, relabel_train, subset_identities
 from uda.distributed import DistInfo, barrier
 from uda.engine import Schedule
 from uda.errors import ConfigError, UdaError
@@ -45,7 +47,7 @@ COMMON_DEFAULTS: dict = {
         "width": 128,
         "num_pids": 16,  # P identities x K images per batch
         "num_instances": 4,
-        "num_workers": 4,
+        "num_workers": 4,  # loader pipeline: DataLoader worker processes (the device pipeline decodes once, in threads)
         "cache": True,  # loader pipeline: decode every image once into memory (the device pipeline always does)
         "pipeline": "device",  # device: images resized once and held where the model trains, whole batches
         #                        augmented there | loader: per-image transforms in DataLoader workers
@@ -123,6 +125,17 @@ def cli_overrides(args) -> list[str]:
     return opts + list(args.opts)
 
 
+def check_settings(cfg: Config) -> None:
+    """Values that would otherwise fail late, after minutes of decoding or training, with a traceback
+    from deep inside: checked as soon as the config is read."""
+    uses_device_pipeline(cfg)
+    if cfg.eval.metric not in ("cosine", "euclidean"):
+        raise ConfigError(f"eval.metric must be 'cosine' or 'euclidean', got {cfg.eval.metric!r}")
+    if cfg.train.eval_every < 1:
+        raise ConfigError(f"train.eval_every must be a whole number of epochs >= 1, got {cfg.train.eval_every!r} "
+                          "(the last epoch is always evaluated)")
+
+
 def set_backends(cfg: Config) -> None:
     """cfg.deterministic: exact repeats (torch's deterministic algorithms); otherwise let cuDNN time its
     convolution algorithms once per input shape and keep the fastest (shapes are fixed here).
@@ -132,6 +145,8 @@ def set_backends(cfg: Config) -> None:
     9x slower (scripts/bench_denormal.py). torch's worker threads inherit the setting only when it is
     made before its thread pool starts: the stages call this before any tensor work."""
     torch.set_flush_denormal(True)
+    if cfg.deterministic:  # cuBLAS repeats its results only with a fixed workspace; without it torch raises at the first matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.benchmark = not cfg.deterministic
 
@@ -181,20 +196,39 @@ def prepare_split(
     return kept, cache
 
 
+def prepare_train_split(records: list[ImageRecord], cfg: Config, device: torch.device) -> tuple[list[ImageRecord], Images]:
+    """prepare_split for a training split: ids made 0..N-1 again, since data.skip_corrupt may have
+    dropped every image of one (a gap would leave a classifier row with no images, or an id past the last)."""
+    kept, images = prepare_split(records, cfg, device)
+    return relabel_train(kept), images
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of one of a run's independent training streams. Stream 0 is the run's seed itself (what
+    pretraining draws); any other gets its own, so adaptation's target batches do not repeat the source
+    batches' sampling and augmentation draws position for position."""
+    if stream == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def make_train_loader(
-    records: list[ImageRecord], cfg: Config, images: Images, *, rank: int = 0, world_size: int = 1, num_iterations: int | None = None
+    records: list[ImageRecord], cfg: Config, images: Images, *, rank: int = 0, world_size: int = 1,
+    num_iterations: int | None = None, stream: int = 0,
 ):
-    """P x K batches (images, pids, camids, indices); `loader.sampler.set_epoch(epoch)` before each epoch."""
+    """P x K batches (images, pids, camids, indices); `loader.sampler.set_epoch(epoch)` before each epoch.
+    Loaders trained on side by side take different `stream`s (`stream_seed`)."""
     d = cfg.data
+    seed = stream_seed(cfg.seed, stream)
     if isinstance(images, DeviceImages):
         augment = BatchAugment(pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p)
         return DeviceTrainLoader(
-            images, records, augment, d.num_pids, d.num_instances, cfg.seed,
+            images, records, augment, d.num_pids, d.num_instances, seed,
             num_iterations=num_iterations, rank=rank, world_size=world_size,
         )
     transform = train_transform(d.height, d.width, pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p)
     return train_loader(
-        records, transform, d.num_pids, d.num_instances, cfg.seed, d.num_workers,
+        records, transform, d.num_pids, d.num_instances, seed, d.num_workers,
         num_iterations=num_iterations, cache=images, rank=rank, world_size=world_size,
     )
 
@@ -238,8 +272,6 @@ def evaluate_test_sets(
 
 
 def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: torch.device) -> dict[str, dict]:
-    if cfg.eval.metric not in ("cosine", "euclidean"):
-        raise ConfigError(f"eval.metric must be 'cosine' or 'euclidean', got {cfg.eval.metric!r}")
     results: dict[str, dict] = {}
     amp = amp_dtype(cfg, device)
     for test_set in test_sets:
