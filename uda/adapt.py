@@ -29,7 +29,7 @@ import torch.distributed
 
 from uda import stage
 from uda.cli import run_main, stage_parser
-from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
+from uda.cluster import KNN_BACKENDS, cluster_centers, cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
 from uda.config import Config, load_config
 from uda.distributed import DistInfo, convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import evaluates, fit, log_evaluation, seed_everything, set_lr, train_steps
@@ -106,7 +106,7 @@ def check_adapt_settings(cfg: Config) -> None:
             f"model.pretrained={cfg.model.pretrained!r} does not apply to adapt: its weights come from the source "
             "model (--init); give backbone weights to pretrain.py instead"
         )
-    if cfg.cluster.knn_backend not in ("torch", "faiss"):
+    if cfg.cluster.knn_backend not in KNN_BACKENDS:
         raise ConfigError(f"cluster.knn_backend must be 'torch' or 'faiss', got {cfg.cluster.knn_backend!r}")
     if cfg.cluster.knn_backend == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ConfigError("cluster.knn_backend=faiss needs faiss (pip install -e '.[gpu]', or faiss-cpu); "

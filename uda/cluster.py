@@ -24,6 +24,8 @@ from uda.kreciprocal import (
     query_expansion,
 )
 
+KNN_BACKENDS = ("torch", "faiss")  # exact kNN: chunked torch top-k (GPU when there is one) | faiss.IndexFlatIP
+
 
 def _checked_features(features: np.ndarray | Tensor) -> Tensor:
     features = torch.as_tensor(features)
@@ -104,7 +106,7 @@ def jaccard_distance(
         )
     if not 0 < max_distance <= 1:
         raise ClusteringError(f"max_distance must lie in (0, 1], got {max_distance}")
-    if knn_backend not in ("torch", "faiss"):
+    if knn_backend not in KNN_BACKENDS:
         raise ClusteringError(f"knn_backend must be 'torch' or 'faiss', got {knn_backend!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     features = features.to(device=device, dtype=torch.float32)  # normalised where used, not copied
