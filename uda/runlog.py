@@ -94,9 +94,12 @@ def check_resumable(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
 
 
 class RunDir:
-    """One experiment's folder. `resume=False` refuses to overwrite a folder that already holds a run."""
+    """One experiment's folder. `resume=False` refuses to overwrite a folder that already holds a run.
+    `provenance` adds lines to version.txt for inputs the config names only loosely (which weights file
+    `pretrained: imagenet` resolved to)."""
 
-    def __init__(self, path: str | Path, cfg: Config, resume: bool = False, is_main: bool = True):
+    def __init__(self, path: str | Path, cfg: Config, resume: bool = False, is_main: bool = True,
+                 provenance: dict[str, str] | None = None):
         self.path = Path(path)
         self.is_main = is_main
         self.logger = logging.getLogger(f"uda.run.{self.path}")
@@ -114,7 +117,7 @@ class RunDir:
         dump_config(cfg, self.path / "config.yaml")
         (self.path / "version.txt").write_text(
             f"commit: {code_version()}\ntorch: {torch.__version__}\npython: {sys.version.split()[0]}\n"
-            f"command: {' '.join(sys.argv)}\n"
+            f"command: {' '.join(sys.argv)}\n" + "".join(f"{k}: {v}\n" for k, v in (provenance or {}).items())
         )
         if not self.logger.handlers:
             fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -124,6 +127,8 @@ class RunDir:
         from tensorboardX import SummaryWriter  # imported here: only the main process writes events
 
         self.writer = SummaryWriter(str(self.path / "tb"))
+        for key, value in (provenance or {}).items():
+            self.log(f"{key}: {value}")
         if changes:
             self.log("resumed with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
 

@@ -57,7 +57,7 @@ COMMON_DEFAULTS: dict = {
         "erasing_p": 0.5,
     },
     "model": {
-        "backbone": "resnet50",  # resnet18 | resnet34 | resnet50 | resnet18_w16 | resnet18_w32
+        "backbone": "resnet50",  # resnet18 | resnet34 | resnet50 | resnet18_w16 | resnet18_w32 | mobilenet_v2
         "pretrained": "imagenet",  # imagenet | none | PATH
         "last_stride": 1,
         "pooling": "avg",  # avg | gem

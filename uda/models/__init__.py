@@ -1,5 +1,5 @@
-"""Models: ResNet backbone (last stride 1) -> pooling (avg / GeM) -> BNNeck, and separate classifier heads."""
-from uda.models.backbone import BACKBONE_NAMES, ResNetBackbone, build_backbone, load_backbone_weights
+"""Models: ResNet / MobileNetV2 backbone (last stride 1) -> pooling (avg / GeM) -> BNNeck, and separate classifier heads."""
+from uda.models.backbone import BACKBONE_NAMES, BACKBONES, MobileNetV2Backbone, ResNetBackbone, build_backbone
 from uda.models.heads import (
     HEADS,
     ArcFaceHead,
@@ -11,8 +11,10 @@ from uda.models.heads import (
 )
 from uda.models.pooling import POOLINGS, GeM, build_pooling
 from uda.models.reid import ReIDModel, build_model
+from uda.models.weights import load_backbone_weights
 
 __all__ = [
+    "BACKBONES",
     "BACKBONE_NAMES",
     "HEADS",
     "POOLINGS",
@@ -22,6 +24,7 @@ __all__ = [
     "CosineHead",
     "GeM",
     "LinearHead",
+    "MobileNetV2Backbone",
     "ReIDModel",
     "ResNetBackbone",
     "build_backbone",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uda.models.backbone import ResNetBackbone, build_backbone
+from uda.models.backbone import build_backbone
 from uda.models.pooling import build_pooling
 
 
@@ -21,7 +21,7 @@ class ReIDModel(nn.Module):
     triplet losses act on the same vector, which is also the inference feature.
     """
 
-    def __init__(self, backbone: ResNetBackbone, pooling: nn.Module, bnneck: bool = True):
+    def __init__(self, backbone: nn.Module, pooling: nn.Module, bnneck: bool = True):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
