@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
+import torch.nn.functional as F
 from sklearn.cluster import DBSCAN
 
 from baselines.spcl_jaccard import compute_jaccard_distance
-from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_labels
+from uda.cluster import cluster_centers, cluster_stats, jaccard_distance, pseudo_label_round, pseudo_labels
+from uda.distributed import DistInfo
 from uda.errors import ClusteringError
 
 
@@ -157,3 +159,45 @@ def test_remove_camera_means_subtracts_each_cameras_mean_and_renormalises():
     assert torch.allclose(out, expected, atol=1e-6)
     with pytest.raises(ClusteringError, match="camids must have shape"):
         remove_camera_means(features, camids[:3])
+
+
+# ---------------------------------------------------------------- one whole round (adapt.py's clustering step)
+
+
+def test_camera_normalize_groups_people_across_cameras_when_cameras_dominate():
+    """Planted features: 6 people x 2 cameras x 5 images, a camera offset larger than the person
+    signal. Plain clustering groups by camera; with camera_normalize it recovers the people."""
+    gen = torch.Generator().manual_seed(0)
+    people = F.normalize(torch.randn(6, 64, generator=gen), dim=1)
+    cameras = 3 * F.normalize(torch.randn(2, 64, generator=gen), dim=1)
+    ids = torch.arange(6).repeat_interleave(10)
+    cams = torch.tensor([0] * 5 + [1] * 5).repeat(6)
+    features = F.normalize(people[ids] + cameras[cams] + 0.05 * torch.randn(60, 64, generator=gen), dim=1)
+    settings = {"k1": 12, "k2": 3, "eps": 0.5, "min_samples": 3, "device": torch.device("cpu"), "true_ids": ids.numpy()}
+    plain = pseudo_label_round(features, cams, **settings)
+    aware = pseudo_label_round(features, cams, camera_normalize=True, **settings)
+    plain_stats, aware_stats = plain.stats, aware.stats
+    # the centres are the clusters' mean *memory* features: camera normalisation only guides the grouping
+    assert torch.allclose(aware.centers, cluster_centers(features, aware.labels))
+    assert aware_stats["nmi"] > 0.95 and aware_stats["num_clusters"] == 6
+    assert plain_stats["nmi"] < aware_stats["nmi"] - 0.1, (plain_stats, aware_stats)
+
+
+def test_a_clustering_error_stops_every_process_with_the_main_ones_message(monkeypatch):
+    """Under torchrun only the main process clusters; if it fails, the others must not wait for labels."""
+    sent = []
+
+    def broadcast(objects, src):  # the main process's list is what every process receives
+        if sent:
+            objects[0] = sent[0]
+        else:
+            sent.append(objects[0])
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    far_apart = F.normalize(torch.randn(12, 256, generator=torch.Generator().manual_seed(0)), dim=1)  # no dense region
+    cams = torch.zeros(12, dtype=torch.int64)
+    for rank in (0, 1):
+        with pytest.raises(ClusteringError, match="no cluster") as info:
+            pseudo_label_round(far_apart, cams, k1=4, k2=2, eps=0.2, min_samples=4, device=torch.device("cpu"),
+                               dist=DistInfo(rank=rank, world_size=2))
+        assert info.value is sent[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python uda/adapt.py`: import the package, not uda/ itself
@@ -25,14 +26,13 @@ if __package__ in (None, ""):  # run as `python uda/adapt.py`: import the packag
 
 import numpy as np
 import torch
-import torch.distributed
 
 from uda import stage
 from uda.cli import run_main, stage_parser
-from uda.cluster import KNN_BACKENDS, cluster_centers, cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
+from uda.cluster import KNN_BACKENDS, cluster_centers, pseudo_label_round
 from uda.config import Config, load_config
-from uda.distributed import DistInfo, convert_sync_bn, init_distributed, pick_device, wrap_model
-from uda.engine import evaluates, fit, log_evaluation, seed_everything, set_lr, train_steps
+from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
+from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
 from uda.errors import ConfigError, UdaError
 from uda.evaluation.features import extract_features
 from uda.models import ClassifierHead
@@ -65,38 +65,50 @@ def default_init(cfg: Config) -> Path:
     return path
 
 
-def memory_features(model: torch.nn.Module, loader, desc: str) -> torch.Tensor:
-    """(N, D) L2-normalised, flip-averaged features of a whole split with the current model."""
-    return extract_features(model, loader, flip=True, normalize=True, desc=desc)
+def memory_features(model: torch.nn.Module, loader, cfg: Config, device: torch.device, desc: str) -> torch.Tensor:
+    """(N, D) L2-normalised features of a whole split with the current model, extracted as the test
+    sets are (eval.flip, bf16 under train.amp): the clusters group what evaluation would match."""
+    return extract_features(model, loader, flip=cfg.eval.flip, normalize=True, amp_dtype=stage.amp_dtype(cfg, device), desc=desc)
 
 
-def replace_head(head: ClassifierHead, optimizer: torch.optim.Optimizer, group: int, centers: torch.Tensor) -> None:
-    """Re-create `head` with one row per centre and point the optimizer's param group at the new rows
+TARGET_GROUP = "target_head"  # the optimizer's param group of the target head's rows, found by name
+
+
+def build_optimizer(net: stage.TrainNet, cfg: Config) -> torch.optim.Optimizer:
+    """One optimizer over the model and both heads. The target head's rows are their own param group,
+    named TARGET_GROUP, which `replace_head` re-points each time the clusters change. A name, not a
+    position or a reference: load_state_dict replaces the group dicts but keeps their keys."""
+    body = [p for name, p in net.named_parameters() if not name.startswith("heads.target.")]
+    return stage.build_optimizer(
+        [{"params": body, "name": "body"}, {"params": [net.heads["target"].weight], "name": TARGET_GROUP}], cfg
+    )
+
+
+def replace_head(head: ClassifierHead, optimizer: torch.optim.Optimizer, centers: torch.Tensor) -> None:
+    """Re-create `head` with one row per centre and point the optimizer's TARGET_GROUP at the new rows
     (the old rows' Adam moments are dropped: they belonged to clusters that no longer exist)."""
+    [group] = [g for g in optimizer.param_groups if g.get("name") == TARGET_GROUP]
     optimizer.state.pop(head.weight, None)
     head.reset_classifier(centers.shape[0], centers)
-    optimizer.param_groups[group]["params"] = [head.weight]
+    group["params"] = [head.weight]
 
 
-def cluster_target(features: torch.Tensor, camids: torch.Tensor, cfg: Config, device: torch.device, dist: DistInfo) -> np.ndarray:
-    """Pseudo-labels (N,) of the target memory; computed once on the main process and broadcast, so
-    every GPU trains on the same clusters. A clustering error travels the same way: every process
-    stops with the main one's message instead of waiting for labels that never come."""
-    labels: list = [None]
-    if dist.is_main:
-        c = cfg.cluster
-        try:
-            if c.camera_normalize:
-                features = remove_camera_means(features, camids)
-            distances = jaccard_distance(features, k1=c.k1, k2=c.k2, device=device, knn_backend=c.knn_backend, max_distance=c.eps)
-            labels[0] = pseudo_labels(distances, eps=c.eps, min_samples=c.min_samples, keep_outliers=c.keep_outliers)
-        except UdaError as exc:
-            labels[0] = exc
-    if dist.enabled:
-        torch.distributed.broadcast_object_list(labels, src=0)
-    if isinstance(labels[0], UdaError):
-        raise labels[0]
-    return labels[0]
+def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """One step's losses: a source P x K batch and a target (pseudo-labelled) P x K batch through one
+    forward, each branch's CE + triplet on its own head, weighted by loss.{source,target}_weight."""
+    (source_images, source_pids, *_), (target_images, target_pids, *_) = batch
+    n = source_images.shape[0]
+    images = torch.cat([source_images, target_images]).to(device, non_blocking=True)
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    branches = {"source": (slice(0, n), source_pids.to(device)), "target": (slice(n, None), target_pids.to(device))}
+    out, logits = train_net(images, branches)
+    losses = {}
+    for name, (rows, pids) in branches.items():
+        weight = cfg.loss[f"{name}_weight"]
+        branch = stage.reid_losses(out["global"][rows], logits[name], pids, cfg, prefix=f"{name}_")
+        losses.update({key: weight * value for key, value in branch.items()})
+    return losses
 
 
 def check_adapt_settings(cfg: Config) -> None:
@@ -157,16 +169,16 @@ def main(argv: list[str] | None = None) -> dict:
     net = stage.TrainNet(model, heads).to(device)
     checkpoint = run.load_checkpoint() if args.resume else None
     if checkpoint is None:  # the source head starts from the source class centres under the source model
-        source_features = memory_features(net.model, stage.make_plain_loader(source_train, cfg, source_images), "source memory")
+        loader = stage.make_plain_loader(source_train, cfg, source_images)
         source_ids = torch.tensor([r.pid for r in source_train])
-        net.heads["source"].reset_classifier(num_source_classes, cluster_centers(source_features, source_ids).to(device))
+        centers = cluster_centers(memory_features(net.model, loader, cfg, device, "source memory"), source_ids)
+        net.heads["source"].reset_classifier(num_source_classes, centers.to(device))
     else:
         net.heads["target"].reset_classifier(checkpoint["num_clusters"])
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     net = convert_sync_bn(net, dist, cfg.train.sync_bn)
-    body = [p for name, p in net.named_parameters() if not name.startswith("heads.target.")]
-    optimizer = stage.build_optimizer([{"params": body}, {"params": [net.heads["target"].weight]}], cfg)
+    optimizer = build_optimizer(net, cfg)
 
     start_epoch = 0
     if checkpoint is not None:
@@ -180,45 +192,24 @@ def main(argv: list[str] | None = None) -> dict:
         log_evaluation(run, 0, stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist))  # epoch 0 = direct transfer, before any adaptation
     schedule = stage.build_schedule(cfg)
     amp = stage.amp_dtype(cfg, device)
-    state = {"train_net": wrap_model(net, dist), "cluster_stats": {}}
-
-    def compute_losses(batch) -> dict:
-        (source_images, source_pids, *_), (target_images, target_pids, *_) = batch
-        n = source_images.shape[0]
-        images = torch.cat([source_images, target_images]).to(device, non_blocking=True)
-        if cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        source_pids, target_pids = source_pids.to(device), target_pids.to(device)
-        branches = {"source": (slice(0, n), source_pids), "target": (slice(n, None), target_pids)}
-        out, logits = state["train_net"](images, branches)
-        losses = {}
-        for name, (rows, pids) in branches.items():
-            weight = cfg.loss[f"{name}_weight"]
-            branch = stage.reid_losses(out["global"][rows], logits[name], pids, cfg, prefix=f"{name}_")
-            losses.update({key: weight * value for key, value in branch.items()})
-        return losses
 
     def train_epoch(epoch: int) -> dict:
-        features = memory_features(net.model, target_memory_loader, f"target memory {epoch + 1}")
-        labels = cluster_target(features, target_camids, cfg, device, dist)
-        stats = cluster_stats(labels, target_true_ids)
-        state["cluster_stats"] = stats
+        features = memory_features(net.model, target_memory_loader, cfg, device, f"target memory {epoch + 1}")
+        clusters = pseudo_label_round(features, target_camids, device=device, true_ids=target_true_ids, dist=dist, **cfg.cluster)
+        stats = clusters.stats
         run.log(
             f"epoch {epoch + 1} clusters: {stats['num_clusters']} ({stats['outlier_fraction']:.1%} outliers), "
             f"NMI {stats['nmi']:.3f} ARI {stats['ari']:.3f} pairwise P/R {stats['pairwise_precision']:.3f}/"
             f"{stats['pairwise_recall']:.3f} (diagnostics vs true ids)"
         )
-        run.scalars(stats, epoch + 1, prefix="clusters/")
-        if not evaluates(epoch, cfg.train.eval_every, cfg.optim.epochs):  # evaluation epochs record them with the test metrics
-            run.log_metrics(epoch + 1, {"clusters": stats})
         if stats["num_clusters"] < cfg.data.num_pids:
             raise UdaError(
                 f"epoch {epoch + 1}: {stats['num_clusters']} target clusters, fewer than the {cfg.data.num_pids} "
                 "identities of a P x K batch; train the source model longer, or adjust cluster.eps / data.num_pids"
             )
-        replace_head(net.heads["target"], optimizer, 1, cluster_centers(features, labels).to(device))
-        state["train_net"] = wrap_model(net, dist)
-        pseudo = [dataclasses.replace(r, pid=int(label)) for r, label in zip(target_train, labels) if label >= 0]
+        replace_head(net.heads["target"], optimizer, clusters.centers.to(device))
+        train_net = wrap_model(net, dist)  # DDP registers parameters once: wrap again around the new head
+        pseudo = [dataclasses.replace(r, pid=int(label)) for r, label in zip(target_train, clusters.labels) if label >= 0]
         target_loader = stage.make_train_loader(
             pseudo, cfg, target_images, rank=dist.rank, world_size=dist.world_size, num_iterations=iters, stream=1,
         )
@@ -227,13 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
         source_loader.sampler.set_epoch(epoch)
         target_loader.sampler.set_epoch(epoch)
         losses = train_steps(
-            zip(source_loader, target_loader), compute_losses, optimizer, num_steps=iters, device=device,
-            amp_dtype=amp, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            zip(source_loader, target_loader), partial(joint_losses, train_net, cfg=cfg, device=device), optimizer,
+            num_steps=iters, device=device, amp_dtype=amp, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
         )
-        return {**losses, "lr": lr}
-
-    def evaluate(epoch: int) -> dict:
-        return {**stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist), "clusters": state["cluster_stats"]}
+        return {"train": {**losses, "lr": lr}, "clusters": stats}
 
     def checkpoint_state(epoch: int) -> dict:
         return {
@@ -242,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     metrics = fit(
-        run, start_epoch=start_epoch, epochs=cfg.optim.epochs, train_epoch=train_epoch, evaluate=evaluate,
+        run, start_epoch=start_epoch, epochs=cfg.optim.epochs, train_epoch=train_epoch,
+        evaluate=lambda epoch: stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist),
         eval_every=cfg.train.eval_every, checkpoint_state=checkpoint_state, seed=cfg.seed,
     )
     run.save_final_model({"model": net.model.state_dict(), "config": cfg.to_dict()})

@@ -1,20 +1,25 @@
 """Target pseudo-labels: features -> k-reciprocal Jaccard distance -> DBSCAN -> labels -> cluster centres.
 
-The clustering step of the adaptation loop (SpCL / MMT recipe). The Jaccard distance is built by the
+The clustering step of the adaptation loop (SpCL / MMT recipe); `pseudo_label_round` is one whole
+round of it, as adapt.py runs it each epoch. The Jaccard distance is built by the
 sparse k-reciprocal core (`uda.kreciprocal`) on the GPU when there is one, and is handed to DBSCAN as a
 sparse matrix: only pairs that share k-reciprocal support (Jaccard < 1) are stored, so the step fits
 MSMT17-sized target sets where the dense N x N version does not.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 from torch import Tensor
 
-from uda.errors import ClusteringError
+from uda.distributed import DistInfo
+from uda.errors import ClusteringError, UdaError
 from uda.kreciprocal import (
     PairDistance,
     default_chunk_size,
@@ -249,3 +254,51 @@ def cluster_stats(labels: np.ndarray, true_ids: np.ndarray | None = None) -> dic
         "pairwise_precision": same_both / same_cluster if same_cluster else 0.0,
         "pairwise_recall": same_both / same_id if same_id else 0.0,
     }
+
+
+@dataclass
+class PseudoLabels:
+    """One clustering round's outcome: labels (N,) int64 (-1 = outlier), centres (C, D) L2-normalised
+    mean memory features of the clusters (on the features' device), and `cluster_stats`."""
+
+    labels: np.ndarray
+    centers: Tensor
+    stats: dict[str, int | float]
+
+
+def pseudo_label_round(
+    features: Tensor,
+    camids: Tensor,
+    *,
+    k1: int,
+    k2: int,
+    eps: float,
+    min_samples: int,
+    keep_outliers: bool = False,
+    knn_backend: str = "torch",
+    camera_normalize: bool = False,
+    device: torch.device | None = None,
+    true_ids: np.ndarray | None = None,
+    dist: DistInfo = DistInfo(),
+) -> PseudoLabels:
+    """The target memory (N, D) -> [camera means removed] -> Jaccard -> DBSCAN -> labels, centres, stats.
+
+    The keyword settings are adapt's `cluster.*` keys. Under torchrun the main process clusters and
+    broadcasts the labels, so every GPU trains on the same clusters; a clustering error travels the same
+    way, so every process stops with the main one's message instead of waiting for labels that never
+    come. Centres are taken from the features themselves (camera normalisation only guides the
+    grouping). `true_ids` feed the diagnostic statistics only (NMI, ARI, pairwise P/R), never the labels.
+    """
+    labels: list = [None]
+    if dist.is_main:
+        try:
+            grouped = remove_camera_means(features, camids) if camera_normalize else features
+            distances = jaccard_distance(grouped, k1=k1, k2=k2, device=device, knn_backend=knn_backend, max_distance=eps)
+            labels[0] = pseudo_labels(distances, eps=eps, min_samples=min_samples, keep_outliers=keep_outliers)
+        except UdaError as exc:
+            labels[0] = exc
+    if dist.enabled:
+        torch.distributed.broadcast_object_list(labels, src=0)
+    if isinstance(labels[0], UdaError):
+        raise labels[0]
+    return PseudoLabels(labels[0], cluster_centers(features, labels[0]), cluster_stats(labels[0], true_ids))

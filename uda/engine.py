@@ -129,27 +129,35 @@ def fit(
     *,
     start_epoch: int,
     epochs: int,
-    train_epoch: Callable[[int], dict[str, float]],
+    train_epoch: Callable[[int], dict[str, dict[str, float]]],
     evaluate: Callable[[int], dict[str, dict[str, float]]],
     eval_every: int,
     checkpoint_state: Callable[[int], dict],
     seed: int,
 ) -> dict[str, dict[str, float]]:
     """The epoch loop. Each epoch: reseed, train, evaluate every `eval_every` epochs and at the last,
-    then checkpoint atomically. Returns the last evaluation's metrics (never a best-epoch pick)."""
+    then checkpoint atomically. Returns the last evaluation's record (never a best-epoch pick).
+
+    `train_epoch(epoch)` returns {"train": {loss name: mean, ...}, <section>: {...}, ...}: the "train"
+    losses go to TensorBoard and the log; any other section (adapt's "clusters") is recorded in
+    metrics.jsonl every epoch, beside that epoch's test metrics when it evaluates."""
     last_metrics: dict[str, dict[str, float]] = {}
     for epoch in range(start_epoch, epochs):
         seed_everything(seed, epoch)
         start = time.perf_counter()
-        losses = train_epoch(epoch)
+        record = train_epoch(epoch)
+        losses = record.pop("train")
         seconds = time.perf_counter() - start
         run.scalars({**losses, "epoch_seconds": seconds}, epoch + 1, prefix="train/")
         run.log(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" ({seconds:.1f} s)")
         if evaluates(epoch, eval_every, epochs):
             start = time.perf_counter()
-            last_metrics = evaluate(epoch)
-            log_evaluation(run, epoch + 1, last_metrics)
+            record = {**evaluate(epoch), **record}
+            last_metrics = record
+            log_evaluation(run, epoch + 1, record)
             run.log(f"evaluation took {time.perf_counter() - start:.1f} s")
+        elif record:
+            run.log_metrics(epoch + 1, record)
         run.save_checkpoint(checkpoint_state(epoch + 1))
     return last_metrics
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             loader, compute_losses, optimizer, num_steps=len(loader), device=device, amp_dtype=amp,
             center=center, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
         )
-        return {**losses, "lr": lr}
+        return {"train": {**losses, "lr": lr}}
 
     def evaluate(epoch: int) -> dict:
         return stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist)
