@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from uda.errors import ConfigError
-from uda.losses import CenterLoss, center_optimizer_step, cross_entropy_label_smooth, triplet_loss
+from uda.losses import CenterLoss, cross_entropy_label_smooth, triplet_loss
 
 
 # ---------------------------------------------------------------- label-smoothed cross-entropy
@@ -64,19 +64,17 @@ def brute_force_triplet(features, targets, margin, soft_margin):
 
 
 @pytest.mark.parametrize("soft_margin", [False, True])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_triplet_matches_brute_force_value_and_gradient(soft_margin, normalize):
+def test_triplet_matches_brute_force_value_and_gradient(soft_margin):
     torch.manual_seed(2)
     num_ids, k = 4, 3
     targets = torch.arange(num_ids).repeat_interleave(k)[torch.randperm(num_ids * k)]
     targets = torch.cat([targets, torch.tensor([9])])  # a singleton id: no positive, left out
     features = (torch.randn(len(targets), 8, dtype=torch.float64) * 0.3).requires_grad_()
 
-    loss = triplet_loss(features, targets, margin=0.3, soft_margin=soft_margin, normalize=normalize)
+    loss = triplet_loss(features, targets, margin=0.3, soft_margin=soft_margin)
     (grad,) = torch.autograd.grad(loss, features)
 
-    reference_features = F.normalize(features, dim=1) if normalize else features
-    expected = brute_force_triplet(reference_features, targets, 0.3, soft_margin)
+    expected = brute_force_triplet(features, targets, 0.3, soft_margin)
     (expected_grad,) = torch.autograd.grad(expected, features)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(grad.double(), expected_grad, atol=1e-5)
@@ -142,29 +140,21 @@ def test_center_loss_value_by_hand():
     assert center_loss(features, targets).item() == pytest.approx(28 / 3, rel=1e-6)
 
 
-def step_once(weight, lr, use_scaler):
+def step_once(weight, lr):
     torch.manual_seed(4)
-    center_loss = CenterLoss(num_classes=4, feat_dim=3)
+    center_loss = CenterLoss(num_classes=4, feat_dim=3, weight=weight, lr=lr)
     centers_before = center_loss.centers.detach().clone()
     features = torch.randn(5, 3, requires_grad=True)
     targets = torch.tensor([0, 2, 0, 3, 2])  # class 1 absent
-    optimizer = torch.optim.SGD(center_loss.parameters(), lr=lr)
     total = F.relu(features).sum() + weight * center_loss(features, targets)
-    if use_scaler:
-        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        scaler.scale(total).backward()
-        center_optimizer_step(center_loss, optimizer, weight, scaler)
-        scaler.update()
-    else:
-        total.backward()
-        center_optimizer_step(center_loss, optimizer, weight)
+    total.backward()
+    center_loss.step()
     return centers_before, features.detach(), targets, center_loss.centers.detach()
 
 
-@pytest.mark.parametrize("use_scaler", [False, True])
-def test_center_optimizer_step_moves_centres_by_unweighted_gradient(use_scaler):
+def test_center_loss_step_moves_centres_by_unweighted_gradient():
     weight, lr, batch = 0.0005, 0.5, 5
-    before, features, targets, after = step_once(weight, lr, use_scaler)
+    before, features, targets, after = step_once(weight, lr)
     expected = before.clone()
     for j in range(4):
         members = [i for i in range(batch) if targets[i] == j]
@@ -175,7 +165,22 @@ def test_center_optimizer_step_moves_centres_by_unweighted_gradient(use_scaler):
     assert not torch.allclose(after[0], before[0])
 
 
-def test_center_optimizer_step_rejects_zero_weight():
-    center_loss = CenterLoss(2, 2)
-    with pytest.raises(ConfigError, match="weight"):
-        center_optimizer_step(center_loss, torch.optim.SGD(center_loss.parameters(), lr=0.5), 0.0)
+def test_center_loss_is_stepped_and_saved_like_an_optimizer_and_a_module():
+    """What the engine and the checkpoints rely on: zero_grad/step, and a state_dict of the centres only."""
+    torch.manual_seed(0)
+    center_loss = CenterLoss(3, 2)
+    assert list(center_loss.state_dict()) == ["centers"]
+    center_loss.step()  # no gradient yet: nothing moves
+    center_loss(torch.randn(4, 2), torch.tensor([0, 1, 1, 2])).backward()
+    center_loss.zero_grad(set_to_none=True)
+    assert center_loss.centers.grad is None
+    copy = CenterLoss(3, 2)
+    copy.load_state_dict(center_loss.state_dict())
+    assert torch.equal(copy.centers, center_loss.centers)
+
+
+def test_center_loss_rejects_zero_weight_or_lr():
+    with pytest.raises(ConfigError, match="weight and lr must be positive"):
+        CenterLoss(2, 2, weight=0.0)
+    with pytest.raises(ConfigError, match="weight and lr must be positive"):
+        CenterLoss(2, 2, lr=-1.0)

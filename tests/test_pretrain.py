@@ -42,7 +42,7 @@ def test_pretrain_learns_the_source(synth_root, tmp_path):
         assert (folder / name).is_file(), name
     assert list((folder / "tb").iterdir())
     final_model = torch.load(folder / "model_final.pth", weights_only=False)
-    assert final_model["num_classes"] == 16
+    assert set(final_model) == {"model", "config"} and final_model["model"]["bnneck.weight"].shape == (128,)
 
 
 def test_resume_equals_uninterrupted(synth_root, tmp_path):

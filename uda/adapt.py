@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         source_loader.sampler.set_epoch(epoch)
         target_loader.sampler.set_epoch(epoch)
         losses = train_steps(
-            zip(source_loader, target_loader), partial(joint_losses, train_net, cfg=cfg, device=device), optimizer,
+            zip(source_loader, target_loader), partial(joint_losses, train_net, cfg=cfg, device=device), [optimizer],
             num_steps=iters, device=device, amp_dtype=amp, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
         )
         return {"train": {**losses, "lr": lr}, "clusters": stats}

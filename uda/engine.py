@@ -10,7 +10,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,6 @@ import torch.distributed
 from tqdm import tqdm
 
 from uda.errors import UdaError
-from uda.losses import center_optimizer_step
 from uda.runlog import RunDir
 
 
@@ -48,7 +47,7 @@ class Schedule:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The lr is a pure function of the epoch, so resuming needs no scheduler state beyond the epoch."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 def seed_everything(seed: int, epoch: int = 0) -> None:
@@ -60,30 +59,30 @@ def seed_everything(seed: int, epoch: int = 0) -> None:
     torch.manual_seed(value)
 
 
-@dataclass
-class CenterStep:
-    """The center loss's own optimizer (SGD, lr 0.5) and its loss weight, stepped after each backward."""
+class Steps(Protocol):
+    """What train_steps steps after each backward: a torch optimizer, or a loss that trains its own
+    parameters (uda.losses.CenterLoss)."""
 
-    loss: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    weight: float
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> None: ...
 
 
 def train_steps(
     batches: Iterable,
     compute_losses: Callable[[object], dict[str, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[Steps],
     *,
     num_steps: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    center: CenterStep | None = None,
     desc: str = "train",
 ) -> dict[str, float]:
     """Run the optimisation steps of one epoch; return the mean of each named loss.
 
-    `compute_losses(batch)` returns named scalar losses (already weighted); their sum is minimised.
-    A non-finite loss stops the run with a message instead of silently corrupting the weights.
+    `compute_losses(batch)` returns named scalar losses (already weighted); their sum is minimised,
+    and every one of `optimizers` steps after each backward, in order. A non-finite loss stops the
+    run with a message instead of silently corrupting the weights.
     """
     sums: dict[str, float] = {}
     steps = 0
@@ -98,14 +97,11 @@ def train_steps(
                 f"non-finite loss at step {steps} of {desc} ({detail}); lower optim.lr, check the data, "
                 "or resume from the last checkpoint"
             )
-        optimizer.zero_grad(set_to_none=True)
-        if center is not None:
-            center.optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         total.backward()
-        optimizer.step()
-        if center is not None:
-            _average_across_processes(center.loss.parameters())  # the centres live outside DDP
-            center_optimizer_step(center.loss, center.optimizer, center.weight)
+        for optimizer in optimizers:
+            optimizer.step()
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.item()
         steps += 1
@@ -113,15 +109,6 @@ def train_steps(
     if steps == 0:
         raise UdaError(f"{desc}: the loader yielded no batch; the training split is smaller than one P x K batch")
     return {name: value / steps for name, value in sums.items()}
-
-
-def _average_across_processes(params: Iterable[torch.nn.Parameter]) -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        for param in params:
-            if param.grad is not None:
-                torch.distributed.all_reduce(param.grad)
-                param.grad /= world
 
 
 def fit(

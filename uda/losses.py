@@ -7,6 +7,7 @@ where f_t is the pooled feature before the BNNeck and logits come from the featu
 from __future__ import annotations
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,15 +44,13 @@ def triplet_loss(
     targets: Tensor,
     margin: float = 0.3,
     soft_margin: bool = False,
-    normalize: bool = False,
 ) -> Tensor:
     """Batch-hard triplet loss (Hermans et al., "In Defense of the Triplet Loss", 2017).
 
     For each anchor: d_ap = distance to its farthest other image of the same id, d_an = distance
     to its closest image of another id; loss = mean over anchors of relu(d_ap - d_an + margin),
     or of softplus(d_ap - d_an) = log(1 + exp(d_ap - d_an)) with soft_margin (margin unused).
-    Distances are plain Euclidean on the raw pooled feature as in the strong baseline;
-    normalize=True L2-normalizes the features first.
+    Distances are plain Euclidean on the raw pooled feature, as in the strong baseline.
 
     An anchor with no other image of its id, or with no image of another id, has no triplet and
     is left out of the mean (the loss is 0 when no anchor has one). The P x K sampler with K >= 2
@@ -61,10 +60,7 @@ def triplet_loss(
     """
     if margin < 0:
         raise ConfigError(f"triplet margin={margin} is negative; use e.g. 0.3")
-    features = features.float()
-    if normalize:
-        features = F.normalize(features, dim=1)
-    dist = _pairwise_euclidean(features)
+    dist = _pairwise_euclidean(features.float())
 
     same_id = targets[:, None] == targets[None, :]
     is_self = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
@@ -80,50 +76,46 @@ def triplet_loss(
 
 
 class CenterLoss(nn.Module):
-    """Center loss (Wen et al., ECCV 2016) as the strong baseline's code computes it.
+    """Center loss (Wen et al., ECCV 2016) as the strong baseline's code computes it, with its own optimizer.
 
     loss = sum_i ||x_i - c_{y_i}||^2 / B, with one learnable centre per class. The papers write
     1/2 * sum_i ||x_i - c_{y_i}||^2 (no 1/B); we follow the reid-strong-baseline code (no 1/2,
     divided by B) because the published weight 0.0005 and centre lr 0.5 were tuned against it.
     Its gradient is d loss / d c_j = (2 / B) * sum_{i: y_i = j} (c_j - x_i).
-    Centres start at randn (seed the RNG before constructing) and are updated by their own
-    optimizer through `center_optimizer_step`; keep them out of the model's optimizer.
+
+    The centres are not trained by the model's optimizer: the loss brings its own `step()` (plain SGD
+    at `lr` on the unweighted gradient, see `step`), so the engine steps it like any optimizer, and
+    its state_dict (the centres; plain SGD keeps no state) goes into checkpoints as any module's.
+    Centres start at randn (seed the RNG before constructing).
     """
 
-    def __init__(self, num_classes: int, feat_dim: int):
+    def __init__(self, num_classes: int, feat_dim: int, weight: float = 0.0005, lr: float = 0.5):
         super().__init__()
+        if weight <= 0 or lr <= 0:
+            raise ConfigError(f"center loss weight and lr must be positive (0.0005 and 0.5 in the recipe), got {weight}, {lr}")
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        self.weight = weight
+        self.optimizer = torch.optim.SGD([self.centers], lr=lr)
 
     def forward(self, features: Tensor, targets: Tensor) -> Tensor:
-        """features: (B, feat_dim); targets: (B,) int64 in [0, num_classes). Returns a scalar."""
+        """features: (B, feat_dim); targets: (B,) int64 in [0, num_classes). Returns the unweighted scalar."""
         own_centers = self.centers[targets]  # (B, feat_dim): a gather, no (B, num_classes) matrix
         return (features.float() - own_centers).pow(2).sum() / len(targets)
 
+    @torch.no_grad()
+    def step(self) -> None:
+        """Move the centres, after a backward through `weight * self(features, targets)`.
 
-def center_optimizer_step(
-    center_loss: CenterLoss,
-    optimizer: torch.optim.Optimizer,
-    weight: float,
-    scaler: torch.amp.GradScaler | None = None,
-) -> None:
-    """Step the centres' own optimizer on gradients rescaled by 1 / weight.
-
-    Call after `total.backward()`, where total contains `weight * center_loss(...)`. The centres
-    then hold weight * d center_loss / d c; multiplying by 1 / weight recovers the unweighted
-    gradient, so the centre update c_j -= lr * (2 / B) * sum_{i: y_i = j} (c_j - x_i) (plain SGD,
-    lr 0.5 in the recipe) does not shrink with the tiny loss weight (0.0005): the weight decides
-    how strongly features are pulled to their centres, the centre lr alone how fast centres move.
-    Classes absent from the batch get zero gradient and stay put.
-
-    With mixed precision pass the GradScaler: it unscales, skips the step on inf/NaN gradients;
-    call `scaler.update()` once after all optimizers have stepped.
-    """
-    if weight <= 0:
-        raise ConfigError(f"center loss weight={weight} must be positive; use e.g. 0.0005")
-    for param in center_loss.parameters():
-        if param.grad is not None:
-            param.grad.mul_(1.0 / weight)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
+        The centres then hold weight * d loss / d c; dividing by the weight recovers the unweighted
+        gradient, so the update c_j -= lr * (2 / B) * sum_{i: y_i = j} (c_j - x_i) does not shrink with
+        the tiny loss weight (0.0005): the weight decides how strongly features are pulled to their
+        centres, the centre lr alone how fast centres move. Classes absent from the batch stay put.
+        Under torchrun the gradients are averaged over processes first (the centres live outside DDP).
+        """
+        if self.centers.grad is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.centers.grad)
+            self.centers.grad /= torch.distributed.get_world_size()
+        self.centers.grad.mul_(1.0 / self.weight)
+        self.optimizer.step()

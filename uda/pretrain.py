@@ -22,7 +22,7 @@ from uda import stage
 from uda.cli import run_main, stage_parser
 from uda.config import load_config
 from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
-from uda.engine import CenterStep, fit, seed_everything, set_lr, train_steps
+from uda.engine import fit, seed_everything, set_lr, train_steps
 from uda.losses import CenterLoss
 from uda.runlog import RunDir
 
@@ -69,19 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
         net = net.to(memory_format=torch.channels_last)
     net = convert_sync_bn(net, dist, cfg.train.sync_bn)
     optimizer = stage.build_optimizer(net.parameters(), cfg)
-    center = None
-    if cfg.loss.center_weight > 0:
-        center_loss = CenterLoss(num_classes, model.feature_dim).to(device)
-        center = CenterStep(center_loss, torch.optim.SGD(center_loss.parameters(), lr=cfg.loss.center_lr), cfg.loss.center_weight)
+    center = CenterLoss(num_classes, model.feature_dim, cfg.loss.center_weight, cfg.loss.center_lr).to(device) if cfg.loss.center_weight > 0 else None
+    losses_with_state = {"center": center} if center is not None else {}  # losses that train their own parameters
 
     start_epoch = 0
     checkpoint = run.load_checkpoint() if args.resume else None
     if checkpoint is not None:
         net.load_state_dict(checkpoint["net"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if center is not None:
-            center.loss.load_state_dict(checkpoint["center"])
-            center.optimizer.load_state_dict(checkpoint["center_optimizer"])
+        for name, loss in losses_with_state.items():
+            loss.load_state_dict(checkpoint[name])
         start_epoch = checkpoint["epoch"]
         run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
         run.drop_metrics_after(start_epoch)
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         out, logits = train_net(images, {"source": (slice(None), pids)})
         losses = stage.reid_losses(out["global"], logits["source"], pids, cfg)
         if center is not None:
-            losses["center"] = center.weight * center.loss(out["global"].float(), pids)
+            losses["center"] = center.weight * center(out["global"], pids)
         return losses
 
     def train_epoch(epoch: int) -> dict:
@@ -104,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         set_lr(optimizer, lr)
         loader.sampler.set_epoch(epoch)
         losses = train_steps(
-            loader, compute_losses, optimizer, num_steps=len(loader), device=device, amp_dtype=amp,
-            center=center, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            loader, compute_losses, [optimizer, *losses_with_state.values()], num_steps=len(loader), device=device,
+            amp_dtype=amp, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
         )
         return {"train": {**losses, "lr": lr}}
 
@@ -114,17 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     def checkpoint_state(epoch: int) -> dict:
         state = {"epoch": epoch, "net": net.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict()}
-        if center is not None:
-            state["center"] = center.loss.state_dict()
-            state["center_optimizer"] = center.optimizer.state_dict()
-        return state
+        return {**state, **{name: loss.state_dict() for name, loss in losses_with_state.items()}}
 
     metrics = fit(
         run, start_epoch=start_epoch, epochs=cfg.optim.epochs, train_epoch=train_epoch, evaluate=evaluate,
         eval_every=cfg.train.eval_every, checkpoint_state=checkpoint_state, seed=cfg.seed,
     )
-    run.save_final_model({"model": net.model.state_dict(), "source_head": net.heads["source"].state_dict(),
-                          "num_classes": num_classes, "config": cfg.to_dict()})
+    run.save_final_model({"model": net.model.state_dict(), "config": cfg.to_dict()})
     run.close()
     return metrics
 
