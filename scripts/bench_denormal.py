@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from uda import stage  # noqa: E402
+from uda import checkpoint, stage  # noqa: E402
 from uda.config import load_config  # noqa: E402
 
 
@@ -33,10 +33,10 @@ def subnormal_count(tensor: torch.Tensor) -> int:
 def time_steps(checkpoint_path: Path, batch: int, steps: int) -> None:
     """Child process: median ms of a forward + backward of the checkpoint's model (printed last)."""
     torch.manual_seed(0)
-    checkpoint = stage.read_checkpoint(checkpoint_path)
-    cfg = load_config(checkpoint["config"])  # the run's own model and image size
+    saved = checkpoint.read(checkpoint_path)
+    cfg = load_config(saved[checkpoint.CONFIG])  # the run's own model and image size
     model = stage.build_reid_model(cfg, pretrained="none")
-    stage.load_model_weights(model, checkpoint, checkpoint_path)
+    stage.load_model_weights(model, saved, checkpoint_path)
     weights = [p.detach() for p in model.parameters()]
     total = sum(w.numel() for w in weights)
     subnormal = sum(subnormal_count(w) for w in weights)

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as `python uda/adapt.py`: import the packag
 import numpy as np
 import torch
 
-from uda import stage
+from uda import checkpoint, stage
 from uda.cli import run_main, stage_parser
 from uda.cluster import KNN_BACKENDS, cluster_centers, pseudo_label_round
 from uda.config import Config, load_config
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg)
     seed_everything(cfg.seed)
     model = stage.build_reid_model(cfg, pretrained="none")
-    stage.load_model_weights(model, stage.read_checkpoint(init_path, "source model"), init_path)  # before any image is decoded: a wrong source model fails early
+    stage.load_model_weights(model, checkpoint.read(init_path, "source model"), init_path)  # before any image is decoded: a wrong source model fails early
     output_dir = args.output_dir or Path("runs") / "adapt" / f"{cfg.data.source}2{cfg.data.target}"
     run = RunDir(output_dir, cfg, resume=args.resume, is_main=dist.is_main)
     run.log(source.summary())
@@ -167,24 +167,24 @@ def main(argv: list[str] | None = None) -> dict:
         "target": stage.build_classifier(cfg, model.feature_dim, 1),  # re-created from clusters each epoch
     }
     net = stage.TrainNet(model, heads).to(device)
-    checkpoint = run.load_checkpoint() if args.resume else None
-    if checkpoint is None:  # the source head starts from the source class centres under the source model
+    resumed = run.load_checkpoint() if args.resume else None
+    if resumed is None:  # the source head starts from the source class centres under the source model
         loader = stage.make_plain_loader(source_train, cfg, source_images)
         source_ids = torch.tensor([r.pid for r in source_train])
         centers = cluster_centers(memory_features(net.model, loader, cfg, device, "source memory"), source_ids)
         net.heads["source"].reset_classifier(num_source_classes, centers.to(device))
     else:
-        net.heads["target"].reset_classifier(checkpoint["num_clusters"])
+        net.heads["target"].reset_classifier(resumed[checkpoint.NUM_CLUSTERS])
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     net = convert_sync_bn(net, dist, cfg.train.sync_bn)
     optimizer = build_optimizer(net, cfg)
 
     start_epoch = 0
-    if checkpoint is not None:
-        net.load_state_dict(checkpoint["net"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch = checkpoint["epoch"]
+    if resumed is not None:
+        net.load_state_dict(resumed[checkpoint.NET])
+        optimizer.load_state_dict(resumed[checkpoint.OPTIMIZER])
+        start_epoch = resumed[checkpoint.EPOCH]
         run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
         run.drop_metrics_after(start_epoch)
     else:
@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def checkpoint_state(epoch: int) -> dict:
         return {
-            "epoch": epoch, "net": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "num_clusters": net.heads["target"].num_classes, "config": cfg.to_dict(),
+            checkpoint.EPOCH: epoch, checkpoint.NET: net.state_dict(), checkpoint.OPTIMIZER: optimizer.state_dict(),
+            checkpoint.NUM_CLUSTERS: net.heads["target"].num_classes, checkpoint.CONFIG: cfg.to_dict(),
         }
 
     metrics = fit(
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluate=lambda epoch: stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist),
         eval_every=cfg.train.eval_every, checkpoint_state=checkpoint_state, seed=cfg.seed,
     )
-    run.save_final_model({"model": net.model.state_dict(), "config": cfg.to_dict()})
+    run.save_final_model({checkpoint.MODEL: net.model.state_dict(), checkpoint.CONFIG: cfg.to_dict()})
     run.close()
     return metrics
 

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as `python uda/pretrain.py`: import the pac
 
 import torch
 
-from uda import stage
+from uda import checkpoint, stage
 from uda.cli import run_main, stage_parser
 from uda.config import load_config
 from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     losses_with_state = {"center": center} if center is not None else {}  # losses that train their own parameters
 
     start_epoch = 0
-    checkpoint = run.load_checkpoint() if args.resume else None
-    if checkpoint is not None:
-        net.load_state_dict(checkpoint["net"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed = run.load_checkpoint() if args.resume else None
+    if resumed is not None:
+        net.load_state_dict(resumed[checkpoint.NET])
+        optimizer.load_state_dict(resumed[checkpoint.OPTIMIZER])
         for name, loss in losses_with_state.items():
-            loss.load_state_dict(checkpoint[name])
-        start_epoch = checkpoint["epoch"]
+            loss.load_state_dict(resumed[name])
+        start_epoch = resumed[checkpoint.EPOCH]
         run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
         run.drop_metrics_after(start_epoch)
     train_net = wrap_model(net, dist)
@@ -110,14 +110,15 @@ def main(argv: list[str] | None = None) -> dict:
         return stage.evaluate_test_sets(net.model, test_sets, cfg, device, dist)
 
     def checkpoint_state(epoch: int) -> dict:
-        state = {"epoch": epoch, "net": net.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict()}
+        state = {checkpoint.EPOCH: epoch, checkpoint.NET: net.state_dict(), checkpoint.OPTIMIZER: optimizer.state_dict(),
+                 checkpoint.CONFIG: cfg.to_dict()}
         return {**state, **{name: loss.state_dict() for name, loss in losses_with_state.items()}}
 
     metrics = fit(
         run, start_epoch=start_epoch, epochs=cfg.optim.epochs, train_epoch=train_epoch, evaluate=evaluate,
         eval_every=cfg.train.eval_every, checkpoint_state=checkpoint_state, seed=cfg.seed,
     )
-    run.save_final_model({"model": net.model.state_dict(), "config": cfg.to_dict()})
+    run.save_final_model({checkpoint.MODEL: net.model.state_dict(), checkpoint.CONFIG: cfg.to_dict()})
     run.close()
     return metrics
 

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 import yaml
 
+from uda import checkpoint
 from uda.config import Config, config_changes, dump_config
 from uda.errors import UdaError
 
@@ -180,10 +181,8 @@ class RunDir:
         path = self.path / name
         if not path.exists():
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a checkpoint is written atomically, so this is outside damage
-            raise UdaError(f"cannot read checkpoint {path} ({exc}); delete it to restart the run") from None
+        # written atomically, so an unreadable one is outside damage
+        return checkpoint.read(path, "checkpoint", advice="; delete it to restart the run")
 
     def close(self) -> None:
         if self.writer is not None:

