@@ -36,14 +36,64 @@ def test_set_backends_flushes_subnormals_in_every_cpu_thread(call_set_backends, 
 
 
 @pytest.mark.parametrize("opt, message", [
-    ("train.eval_every=0", "train.eval_every must be"),
-    ("eval.metric=l1", "eval.metric must be"),
-    ("data.pipeline=gpu", "data.pipeline must be"),
+    ("train.eval_every=0", "train.eval_every must be a whole number of epochs >= 1"),
+    ("eval.metric=l1", "eval.metric must be one of euclidean, sqeuclidean, cosine, got 'l1'"),
+    ("data.pipeline=gpu", "data.pipeline must be one of device, loader"),
+    ("model.backbone=resnet51", "model.backbone must be one of .*mobilenet_v2, got 'resnet51'; did you mean 'resnet50'"),
+    ("model.head=cosin", "model.head must be one of linear, cosine, arcface, cosface, got 'cosin'; did you mean 'cosine'"),
+    ("model.pooling=max", "model.pooling must be one of avg, gem"),
+    ("optim.name=adamw", "optim.name must be one of adam, sgd, got 'adamw'; did you mean 'adam'"),
+    ("optim.schedule=poly", "optim.schedule must be one of step, cosine"),
+    ("eval.ap=sklearn", "eval.ap must be one of noninterp, trapezoid"),
+    ("optim.lr=-1", r"optim.lr must be > 0, got -1"),
+    ("optim.epochs=0", "optim.epochs must be a whole number >= 1, got 0"),
+    ("data.height=-5", "data.height must be at least 8 pixels, got -5"),
+    ("eval.batch_size=0", "eval.batch_size must be a whole number >= 1"),
+    ("data.num_pids=1", "data.num_pids must be a whole number >= 2"),
+    ("data.erasing_p=1.5", r"data.erasing_p must be in \[0, 1\]"),
+    ("loss.label_smoothing=1", r"loss.label_smoothing must be in \[0, 1\)"),
+    ("optim.milestones=[0, 5]", "optim.milestones must be a list of epochs >= 1"),
+    ("model.last_stride=3", "model.last_stride must be 1"),
+    ("loss.center_lr=0", "loss.center_lr must be > 0"),
 ])
 def test_settings_that_would_fail_late_are_refused_at_once(opt, message):
     stage.check_settings(load_config(pretrain.DEFAULTS))  # the defaults pass
     with pytest.raises(ConfigError, match=message):
         stage.check_settings(load_config(pretrain.DEFAULTS, None, [opt]))
+
+
+def test_loss_weights_are_checked_once_at_config_load():
+    with pytest.raises(ConfigError, match="both 0: nothing to train"):
+        stage.check_settings(load_config(pretrain.DEFAULTS, None, ["loss.ce_weight=0", "loss.triplet_weight=0"]))
+
+
+@pytest.mark.parametrize("opt, message", [
+    ("cluster.eps=10", r"cluster.eps must be in \(0, 1\): Jaccard distances lie in \[0, 1\], got 10"),
+    ("cluster.k1=0", "cluster.k1 must be a whole number >= 1, got 0"),
+    ("cluster.knn_backend=annoy", "cluster.knn_backend must be one of torch, faiss"),
+    ("adapt.iters=0", "adapt.iters must be a whole number >= 1"),
+    ("loss.target_weight=-1", "loss.target_weight must be >= 0"),
+])
+def test_adaptation_settings_are_checked_by_the_same_table(opt, message):
+    from uda import adapt
+
+    stage.check_settings(load_config(adapt.DEFAULTS))
+    with pytest.raises(ConfigError, match=message):
+        stage.check_settings(load_config(adapt.DEFAULTS, None, [opt]))
+
+
+def test_every_registry_name_passes_its_check():
+    """The tables list what the implementations accept: each accepted name builds."""
+    from uda.models import build_backbone, build_head, build_pooling
+
+    for name in stage.CHOICES["model.backbone"]:
+        build_backbone(name, "none")
+    for name in stage.CHOICES["model.pooling"]:
+        build_pooling(name)
+    for name in stage.CHOICES["model.head"]:
+        build_head(name, 4, 3)
+    for name in stage.CHOICES["optim.name"]:
+        stage.build_optimizer([torch.nn.Parameter(torch.zeros(1))], load_config(pretrain.DEFAULTS, None, [f"optim.name={name}"]))
 
 
 def test_deterministic_runs_fix_the_cublas_workspace(monkeypatch):

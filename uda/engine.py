@@ -21,6 +21,9 @@ from uda.errors import UdaError
 from uda.runlog import RunDir
 
 
+SCHEDULES = ("step", "cosine")
+
+
 @dataclass
 class Schedule:
     """Per-epoch learning rate: linear warmup, then step decay (x gamma at each milestone) or cosine."""
@@ -41,7 +44,7 @@ class Schedule:
         if self.kind == "cosine":
             span = max(1, self.epochs - self.warmup_epochs)
             return 0.5 * self.base_lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
-        raise UdaError(f"unknown lr schedule '{self.kind}'; use 'step' or 'cosine'")
+        raise UdaError(f"unknown lr schedule '{self.kind}'; use one of {', '.join(SCHEDULES)}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

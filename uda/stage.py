@@ -4,6 +4,7 @@ evaluation of test sets. One place for each, so the two entry points cannot drif
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,21 +16,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from uda import checkpoint
-from uda.config import Config
+from uda.cluster import KNN_BACKENDS
+from uda.config import Config, flatten
 from uda.data import prepare_images, test_loader, test_transform, train_loader, train_transform
 from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoader, DeviceTrainLoader
 from uda.data.images import ImageCache
 from uda.datasets import ReIDDataset, load_dataset
 from uda.datasets.base import ImageRecord, relabel_train, subset_identities
 from uda.distributed import DistInfo, barrier
-from uda.engine import Schedule
+from uda.engine import SCHEDULES, Schedule
 from uda.errors import ConfigError, UdaError
-from uda.evaluation.distance import pairwise_distance
+from uda.evaluation.distance import METRICS, pairwise_distance
 from uda.evaluation.features import extract_features
-from uda.evaluation.metrics import evaluate
+from uda.evaluation.metrics import AP_DEFINITIONS, evaluate
 from uda.evaluation.rerank import re_ranking
 from uda.losses import cross_entropy_label_smooth, triplet_loss
-from uda.models import ClassifierHead, ReIDModel, build_head, build_model
+from uda.models import BACKBONE_NAMES, HEADS, POOLINGS, ClassifierHead, ReIDModel, build_head, build_model
 
 # Every key a stage accepts, with the strong baseline's values (Luo et al. 2019) as defaults.
 COMMON_DEFAULTS: dict = {
@@ -97,6 +99,7 @@ COMMON_DEFAULTS: dict = {
         "batch_size": 256,
         "flip": True,  # average each image's feature with its mirror's
         "metric": "cosine",  # cosine | euclidean (features are L2-normalised either way)
+        "ap": "noninterp",  # noninterp (torchreid, fast-reid) | trapezoid (the official Market devkit)
         "rerank": False,  # also report k-reciprocal re-ranked metrics (Zhong et al. 2017)
         "rerank_k1": 20,
         "rerank_k2": 6,
@@ -126,15 +129,63 @@ def cli_overrides(args) -> list[str]:
     return opts + list(args.opts)
 
 
+OPTIMIZERS = ("adam", "sgd")
+PIPELINES = ("device", "loader")
+
+# Enumerated settings -> the names their implementation accepts (each registry's own list).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.backbone": BACKBONE_NAMES,
+    "model.pooling": tuple(POOLINGS),
+    "model.head": tuple(HEADS),
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "data.pipeline": PIPELINES,
+    "data.synth_preset": ("tiny", "small", "full"),
+    "eval.metric": METRICS,
+    "eval.ap": AP_DEFINITIONS,
+    "cluster.knn_backend": KNN_BACKENDS,
+}
+_POSITIVE, _NON_NEGATIVE, _PROBABILITY = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+_AT_LEAST_ONE, _AT_LEAST_TWO = (lambda v: v >= 1, "a whole number >= 1"), (lambda v: v >= 2, "a whole number >= 2")
+# Numeric settings -> (test, what the value must be). Keys a stage does not have are skipped.
+RANGES: dict[str, tuple] = {
+    "data.height": (lambda v: v >= 8, "at least 8 pixels"), "data.width": (lambda v: v >= 8, "at least 8 pixels"),
+    "data.num_pids": (_AT_LEAST_TWO[0], "a whole number >= 2 (the triplet loss needs other identities)"),
+    "data.num_instances": (_AT_LEAST_TWO[0], "a whole number >= 2 (the triplet loss needs a positive)"),
+    "data.num_workers": _NON_NEGATIVE, "data.subset_ids": _NON_NEGATIVE, "data.pad": _NON_NEGATIVE,
+    "data.flip_p": _PROBABILITY, "data.erasing_p": _PROBABILITY, "data.synth_seed": _NON_NEGATIVE,
+    "model.last_stride": (lambda v: v in (1, 2), "1 (strong baseline) or 2 (plain)"),
+    "model.temperature": _POSITIVE, "model.scale": _POSITIVE, "model.margin": _NON_NEGATIVE,
+    "loss.ce_weight": _NON_NEGATIVE, "loss.triplet_weight": _NON_NEGATIVE, "loss.triplet_margin": _NON_NEGATIVE,
+    "loss.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "loss.center_weight": _NON_NEGATIVE,
+    "loss.center_lr": _POSITIVE, "loss.source_weight": _NON_NEGATIVE, "loss.target_weight": _NON_NEGATIVE,
+    "optim.lr": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE, "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.warmup_epochs": _NON_NEGATIVE, "optim.warmup_from": _POSITIVE, "optim.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optim.epochs": _AT_LEAST_ONE,
+    "optim.milestones": (lambda v: all(isinstance(m, int) and m >= 1 for m in v), "a list of epochs >= 1"),
+    "train.eval_every": (_AT_LEAST_ONE[0], "a whole number of epochs >= 1 (the last epoch is always evaluated)"),
+    "eval.batch_size": _AT_LEAST_ONE, "eval.rerank_k1": _AT_LEAST_ONE, "eval.rerank_k2": _AT_LEAST_ONE,
+    "eval.rerank_lambda": _PROBABILITY,
+    "adapt.iters": _AT_LEAST_ONE, "cluster.k1": _AT_LEAST_ONE, "cluster.k2": _AT_LEAST_ONE,
+    "cluster.eps": (lambda v: 0 < v < 1, "in (0, 1): Jaccard distances lie in [0, 1]"), "cluster.min_samples": _AT_LEAST_ONE,
+}
+
+
 def check_settings(cfg: Config) -> None:
-    """Values that would otherwise fail late, after minutes of decoding or training, with a traceback
-    from deep inside: checked as soon as the config is read."""
-    uses_device_pipeline(cfg)
-    if cfg.eval.metric not in ("cosine", "euclidean"):
-        raise ConfigError(f"eval.metric must be 'cosine' or 'euclidean', got {cfg.eval.metric!r}")
-    if cfg.train.eval_every < 1:
-        raise ConfigError(f"train.eval_every must be a whole number of epochs >= 1, got {cfg.train.eval_every!r} "
-                          "(the last epoch is always evaluated)")
+    """Every enumerated and numeric setting, checked as soon as the config is read, so nothing fails
+    after minutes of decoding or training with a traceback from deep inside: a name not in its
+    registry (the message lists the registry's names and the closest one), a number out of range."""
+    values = flatten(cfg.to_dict())
+    for key, choices in CHOICES.items():
+        if key in values and values[key] not in choices:
+            close = difflib.get_close_matches(str(values[key]), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {values[key]!r}{hint}")
+    for key, (ok, rule) in RANGES.items():
+        if key in values and values[key] is not None and not ok(values[key]):
+            raise ConfigError(f"{key} must be {rule}, got {values[key]!r}")
+    if cfg.loss.ce_weight == 0 and cfg.loss.triplet_weight == 0:
+        raise ConfigError("loss.ce_weight and loss.triplet_weight are both 0: nothing to train")
 
 
 def set_backends(cfg: Config) -> None:
@@ -176,8 +227,6 @@ def load_named_dataset(name: str | None, cfg: Config) -> ReIDDataset:
 def uses_device_pipeline(cfg: Config) -> bool:
     """data.pipeline: 'device' (batches built on the training device, see uda.data.device_batches) or
     'loader' (the per-image DataLoader pipeline: less memory, for splits too large to hold resized)."""
-    if cfg.data.pipeline not in ("device", "loader"):
-        raise ConfigError(f"data.pipeline must be 'device' or 'loader', got {cfg.data.pipeline!r}")
     return cfg.data.pipeline == "device"
 
 
@@ -282,7 +331,7 @@ def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: t
         q_pids, q_cams = torch.tensor([r.pid for r in test_set.query]), torch.tensor([r.camid for r in test_set.query])
         g_pids, g_cams = torch.tensor([r.pid for r in test_set.gallery]), torch.tensor([r.camid for r in test_set.gallery])
         distmat = pairwise_distance(qf, gf, metric=cfg.eval.metric, device=device)
-        results[test_set.name] = _summary(evaluate(distmat, q_pids, g_pids, q_cams, g_cams))
+        results[test_set.name] = _summary(evaluate(distmat, q_pids, g_pids, q_cams, g_cams, ap=cfg.eval.ap))
         if cfg.eval.rerank:
             # the published re-ranking squares its input, so it is given Euclidean distances
             reranked = re_ranking(
@@ -291,7 +340,7 @@ def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: t
                 pairwise_distance(gf, gf, metric="euclidean", device=device),
                 k1=cfg.eval.rerank_k1, k2=cfg.eval.rerank_k2, lambda_value=cfg.eval.rerank_lambda, device=device,
             )
-            results[f"{test_set.name}_rerank"] = _summary(evaluate(reranked, q_pids, g_pids, q_cams, g_cams))
+            results[f"{test_set.name}_rerank"] = _summary(evaluate(reranked, q_pids, g_pids, q_cams, g_cams, ap=cfg.eval.ap))
     return results
 
 
@@ -355,7 +404,7 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-    raise ConfigError(f"optim.name must be 'adam' or 'sgd', got {o.name!r}")
+    raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
 
 
 def build_schedule(cfg: Config) -> Schedule:
