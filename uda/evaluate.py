@@ -18,9 +18,8 @@ if __package__ in (None, ""):  # run as `python uda/evaluate.py`: import the pac
 
 import torch
 
-from uda import checkpoint, stage
+from uda import stage
 from uda.cli import run_main
-from uda.config import load_config
 from uda.distributed import DistInfo, pick_device
 from uda.report import publish
 
@@ -34,16 +33,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.rerank=true")
     args = parser.parse_args(argv)
 
-    saved = checkpoint.read(args.model)
-    saved_config = saved.get(checkpoint.CONFIG) or stage.defaults()  # a bare state dict: the default model unless --opts say otherwise
     opts = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.opts)
-    cfg = load_config(saved_config, None, opts)
-    stage.check_settings(cfg)
+    model, cfg = stage.load_trained_model(args.model, opts)  # a bare state dict: the default model unless --opts say otherwise
     stage.set_backends(cfg)
     device = pick_device(DistInfo(), cfg.device)
     datasets = [stage.load_named_dataset(name, cfg) for name in args.dataset]  # parsing only: a wrong path fails at once
-    model = stage.build_reid_model(cfg, pretrained="none")
-    stage.load_model_weights(model, saved, args.model)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

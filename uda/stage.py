@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from uda import checkpoint
 from uda.cluster import KNN_BACKENDS
-from uda.config import Config, flatten
+from uda.config import Config, flatten, load_config
 from uda.data import prepare_images, test_loader, test_transform, train_loader, train_transform
 from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoader, DeviceTrainLoader
 from uda.data.images import ImageCache
@@ -351,6 +351,17 @@ def _summary(metrics: dict) -> dict:
 def build_reid_model(cfg: Config, pretrained: str | None = None) -> ReIDModel:
     m = cfg.model
     return build_model(m.backbone, pretrained or m.pretrained, m.last_stride, m.pooling, m.bnneck)
+
+
+def load_trained_model(path: str | Path, opts: list[str] | tuple = ()) -> tuple[ReIDModel, Config]:
+    """A saved model (model_final.pth or a run's last.pth) built under the config saved with it (a
+    bare state dict: the defaults), `opts` applied on top: what evaluate.py and uda.extract run."""
+    saved = checkpoint.read(path)
+    cfg = load_config(saved.get(checkpoint.CONFIG) or defaults(), None, opts)
+    check_settings(cfg)
+    model = build_reid_model(cfg, pretrained="none")
+    load_model_weights(model, saved, path)
+    return model, cfg
 
 
 def load_model_weights(model: ReIDModel, saved: dict, path: str | Path) -> None:

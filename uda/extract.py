@@ -1,0 +1,133 @@
+"""Features of your own images from a trained model, with the run's own preprocessing.
+
+    python -m uda.extract --model runs/adapt/market2duke/model_final.pth --images DIR_OR_LIST --out feats.npy
+        [--batch-size 128] [--device auto|cpu|cuda] [--opts key=value ...]
+
+writes feats.npy ((N, D) float32, L2-normalised: compare with a dot product), feats.paths.txt (the
+image of each row, in order) and feats.json (the model file and the settings used). DIR_OR_LIST is a
+folder (its images, recursively, in sorted order) or a text file with one image path per line.
+
+In Python, the same in one call:
+
+    import uda
+    extractor = uda.load_model("runs/.../model_final.pth")      # device="cuda" to run on a GPU
+    features = extractor(["a.jpg", "b.jpg"])                     # or PIL images; (2, D) torch.float32
+
+Preprocessing is the run's evaluation's: resize to the run's data.height x data.width, ImageNet
+mean/std, features of each image averaged with its mirror's when the run evaluated so (eval.flip),
+bf16 autocast under train.amp. The features equal what the run's own evaluation computes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+if __package__ in (None, ""):  # run as `python uda/extract.py`: import the package, not uda/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+from PIL import Image
+
+from uda import stage
+from uda.cli import run_main
+from uda.config import Config
+from uda.data import test_transform
+from uda.data.images import read_image
+from uda.distributed import DistInfo, pick_device
+from uda.errors import UdaError
+from uda.evaluation.features import extract_features
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class FeatureExtractor:
+    """A trained ReID model with its run's preprocessing: images -> (N, D) L2-normalised features."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device, batch_size: int | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device).eval()
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.transform = test_transform(cfg.data.height, cfg.data.width)
+        self.batch_size = batch_size or cfg.eval.batch_size
+
+    @property
+    def settings(self) -> dict:
+        """What decides the features, for the record written beside them."""
+        return {"height": self.cfg.data.height, "width": self.cfg.data.width, "flip": self.cfg.eval.flip,
+                "amp": self.cfg.train.amp, "backbone": self.cfg.model.backbone, "feature_dim": self.model.feature_dim}
+
+    def _batches(self, images: Sequence[Image.Image | str | Path]) -> Iterator[tuple[torch.Tensor]]:
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            pil = [image.convert("RGB") if isinstance(image, Image.Image) else read_image(str(image)) for image in chunk]
+            yield (torch.stack([self.transform(image) for image in pil]),)
+
+    def __call__(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        """(N, D) float32 features on the CPU, one row per image, in order."""
+        if len(images) == 0:
+            raise UdaError("no images to extract features from")
+        return extract_features(self.model, self._batches(images), flip=self.cfg.eval.flip, normalize=True,
+                                amp_dtype=stage.amp_dtype(self.cfg, self.device), desc="features")
+
+
+def load_model(path: str | Path, device: str = "auto", batch_size: int | None = None,
+               opts: Sequence[str] = ()) -> FeatureExtractor:
+    """A model_final.pth (or a run's last.pth) as a FeatureExtractor, built under the config saved with it."""
+    model, cfg = stage.load_trained_model(path, [f"device={device}", *opts])
+    return FeatureExtractor(model, cfg, pick_device(DistInfo(), cfg.device), batch_size)
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """A folder's images (recursively, sorted), or the paths listed one per line in a text file."""
+    source = Path(source)
+    if source.is_dir():
+        images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise UdaError(f"{source} holds no image ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images or a list file")
+        return images
+    if source.is_file():
+        images = [Path(line.strip()) for line in source.read_text().splitlines() if line.strip()]
+        missing = [p for p in images if not p.is_file()]
+        if missing:
+            raise UdaError(f"{len(missing)} of the {len(images)} images listed in {source} do not exist, e.g. {missing[0]}")
+        if not images:
+            raise UdaError(f"{source} lists no image path")
+        return images
+    raise UdaError(f"--images {source}: no such folder or list file")
+
+
+def main(argv: list[str] | None = None) -> np.ndarray:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="model_final.pth or last.pth of pretrain.py / adapt.py")
+    parser.add_argument("--images", required=True, help="a folder of images, or a text file with one image path per line")
+    parser.add_argument("--out", required=True, type=Path, help="features file (.npy); .paths.txt and .json are written beside it")
+    parser.add_argument("--batch-size", type=int, help="images per forward (default: the run's eval.batch_size)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.flip=false")
+    args = parser.parse_args(argv)
+
+    images = list_images(args.images)
+    extractor = load_model(args.model, args.device, args.batch_size, args.opts)
+    features = extractor(images).numpy()
+    out = args.out if args.out.suffix == ".npy" else args.out.with_suffix(".npy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, features)
+    out.with_suffix(".paths.txt").write_text("".join(f"{p}\n" for p in images))
+    record = {"model": str(args.model), "images": len(images), "shape": list(features.shape), **extractor.settings}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{features.shape[0]} features of dimension {features.shape[1]} -> {out}")
+    return features
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
