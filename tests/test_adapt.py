@@ -176,3 +176,26 @@ def test_imagenet_mobilenet_v2_pretrain_then_adapt_end_to_end(synth_root, tmp_pa
     adapted = torch.load(tmp_path / "adapt" / "model_final.pth", weights_only=False)["model"]
     assert adapted["bnneck.weight"].shape == (1280,)
     assert not torch.equal(source["backbone.features.14.conv.1.0.weight"], adapted["backbone.features.14.conv.1.0.weight"])
+
+
+@pytest.mark.parametrize("opt, listed", [
+    ("model.last_stride=2", "model.last_stride=1 (here 2)"),  # every tensor shape fits: it would load silently
+    ("model.pooling=gem", "model.pooling='avg' (here 'gem')"),
+    ("data.height=128", "data.height=64 (here 128)"),
+])
+def test_adapt_refuses_a_source_model_trained_with_other_model_settings(synth_root, source_model, tmp_path, opt, listed):
+    with pytest.raises(UdaError) as info:
+        run_adapt(synth_root, source_model, tmp_path / "run", opt)
+    message = str(info.value)
+    assert listed in message and "--opts" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_a_source_model_of_another_backbone_fails_in_one_short_line(synth_root, tmp_path):
+    """A bare state dict (no saved config to compare): the load itself says what does not fit, briefly."""
+    path = tmp_path / "resnet18_w32.pth"
+    torch.save(build_model("resnet18_w32", "none").state_dict(), path)
+    with pytest.raises(UdaError) as info:
+        run_adapt(synth_root, path, tmp_path / "run")
+    message = str(info.value)
+    assert "does not fit this model" in message and "of another shape" in message and len(message) < 600

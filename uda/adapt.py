@@ -143,8 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
     target = stage.load_named_dataset(cfg.data.target, cfg)
     init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg)
     seed_everything(cfg.seed)
+    source_model = checkpoint.read(init_path, "source model")  # before any image is decoded: a wrong source model fails early
+    stage.check_model_settings(cfg, source_model, init_path)
     model = stage.build_reid_model(cfg, pretrained="none")
-    stage.load_model_weights(model, checkpoint.read(init_path, "source model"), init_path)  # before any image is decoded: a wrong source model fails early
+    stage.load_model_weights(model, source_model, init_path)
     output_dir = args.output_dir or Path("runs") / "adapt" / f"{cfg.data.source}2{cfg.data.target}"
     run = RunDir(output_dir, cfg, resume=args.resume, is_main=dist.is_main)
     run.log(source.summary())

@@ -364,14 +364,39 @@ def load_trained_model(path: str | Path, opts: list[str] | tuple = ()) -> tuple[
     return model, cfg
 
 
+# What a saved model's weights mean: a model loaded under other values computes other features even
+# when every tensor shape fits (last stride, pooling, neck, image size).
+MODEL_SETTINGS = ("model.backbone", "model.last_stride", "model.pooling", "model.bnneck", "data.height", "data.width")
+
+
+def check_model_settings(cfg: Config, saved: dict, path: str | Path) -> None:
+    """UdaError listing each MODEL_SETTINGS key where `cfg` differs from the config saved with a model
+    (nothing to compare for a bare state dict)."""
+    if not isinstance(saved.get(checkpoint.CONFIG), dict):
+        return
+    before, now = flatten(saved[checkpoint.CONFIG]), flatten(cfg.to_dict())
+    differ = [f"{key}={before[key]!r} (here {now[key]!r})" for key in MODEL_SETTINGS if key in before and before[key] != now[key]]
+    if differ:
+        opts = " ".join(f"{key}={before[key]}" for key in MODEL_SETTINGS if key in before and before[key] != now[key])
+        raise UdaError(
+            f"{path} was trained with {', '.join(differ)}; use a config with the same model and image size "
+            f"(e.g. the configs/uda/ file paired with its pretrain config) or add --opts {opts}"
+        )
+
+
 def load_model_weights(model: ReIDModel, saved: dict, path: str | Path) -> None:
     """Put a checkpoint's ReID model (uda.checkpoint.read: model_final.pth, or a run's last.pth) into `model`."""
-    try:
-        model.load_state_dict(checkpoint.model_state(saved))
-    except RuntimeError as exc:
-        lines = str(exc).splitlines()
-        first = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise UdaError(f"{path} does not fit this model (model.* settings differ from the run that saved it): {first}") from None
+    state, own = checkpoint.model_state(saved), model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    wrong = [f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in state if key in own and state[key].shape != own[key].shape]
+    if missing or unexpected or wrong:  # one short line, however many tensors differ
+        raise UdaError(
+            f"{path} does not fit this model (model.* settings differ from the run that saved it): {len(missing)} "
+            f"tensors missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:2]})"
+        )
+    model.load_state_dict(state)
 
 
 def build_classifier(cfg: Config, in_features: int, num_classes: int) -> ClassifierHead:
