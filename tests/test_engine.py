@@ -71,7 +71,7 @@ def test_run_dir_writes_config_metrics_and_refuses_overwrite(tmp_path):
     assert resumed.load_checkpoint()["epoch"] == 2
     resumed.close()
     (tmp_path / "run" / "last.pth").write_bytes(b"garbage")
-    with pytest.raises(UdaError, match="cannot read the checkpoint .*last.pth.*; delete it to restart the run"):
+    with pytest.raises(UdaError, match=r"no readable checkpoint in .*run \(last.pth\); delete them to restart the run"):
         RunDir(tmp_path / "run", cfg, resume=True).load_checkpoint()
 
 

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         net.load_state_dict(resumed[checkpoint.NET])
         optimizer.load_state_dict(resumed[checkpoint.OPTIMIZER])
         start_epoch = resumed[checkpoint.EPOCH]
-        run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
+        run.log(f"resumed at epoch {start_epoch}")
         run.drop_metrics_after(start_epoch)
     else:
         run.log(f"initialised from {init_path}")

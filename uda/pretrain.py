@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, loss in losses_with_state.items():
             loss.load_state_dict(resumed[name])
         start_epoch = resumed[checkpoint.EPOCH]
-        run.log(f"resumed from {run.path / 'last.pth'} at epoch {start_epoch}")
+        run.log(f"resumed at epoch {start_epoch}")
         run.drop_metrics_after(start_epoch)
     train_net = wrap_model(net, dist)
     schedule = stage.build_schedule(cfg)

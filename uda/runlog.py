@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,11 +42,16 @@ def code_version() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: files written through a temporary get the mode a plain open() would give
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """`write(handle)` into a temporary file in the same folder, then rename: a killed run never leaves
-    half a file."""
+    half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -74,8 +80,13 @@ def _json_value(value: Any) -> Any:
 # often it evaluates. Any other change would make one run of two experiments.
 RESUME_MAY_CHANGE = frozenset({
     "data.root", "data.num_workers", "data.cache", "eval.batch_size", "eval.rerank", "device", "adapt.init",
-    "optim.epochs", "train.eval_every",
+    "optim.epochs", "train.eval_every", "train.keep_checkpoints",
 })
+
+
+def previous_checkpoint(path: Path, age: int) -> Path:
+    """last.pth's older copies: last.1.pth (the epoch before), last.2.pth, ..."""
+    return path.with_name(f"{path.stem}.{age}{path.suffix}")
 
 
 def check_resumable(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
@@ -95,7 +106,12 @@ def check_resumable(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
 
 
 class RunDir:
-    """One experiment's folder. `resume=False` refuses to overwrite a folder that already holds a run.
+    """One experiment's folder, holding one run. `resume=False` refuses a folder that already holds a
+    run's checkpoint. A run that starts without a checkpoint to continue from (a first start, a
+    `--resume` with nothing to resume, an earlier attempt that failed before its first checkpoint)
+    starts the folder clean, saying so in the log: metrics.jsonl never holds two runs.
+    The last `train.keep_checkpoints` checkpoints are kept (last.pth, last.1.pth, ...); an unreadable
+    newest one is reported and the one before it used.
     `provenance` adds lines to version.txt for inputs the config names only loosely (which weights file
     `pretrained: imagenet` resolved to)."""
 
@@ -107,14 +123,23 @@ class RunDir:
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
         self.writer = None
+        self.keep_checkpoints = int(cfg.get("train", {}).get("keep_checkpoints", 2))
         if not is_main:
             return
-        if (self.path / LAST_CHECKPOINT).exists() and not resume:
+        checkpoints = self.checkpoint_files()
+        if checkpoints and not resume:
             raise UdaError(
                 f"{self.path} already holds a run; pass --resume to continue it or choose another --output-dir"
             )
         changes = check_resumable(self.path, cfg) if resume else {}
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob(".*.tmp"):  # left by a process killed while writing
+            stale.unlink()
+        earlier = [name for name in ("metrics.jsonl", "tb", FINAL_MODEL) if (self.path / name).exists()]
+        if not checkpoints:
+            for name in earlier:  # an earlier attempt that never reached a checkpoint: not part of this run
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
         dump_config(cfg, self.path / "config.yaml")
         (self.path / "version.txt").write_text(
             f"commit: {code_version()}\ntorch: {torch.__version__}\npython: {sys.version.split()[0]}\n"
@@ -128,6 +153,11 @@ class RunDir:
         from tensorboardX import SummaryWriter  # imported here: only the main process writes events
 
         self.writer = SummaryWriter(str(self.path / "tb"))
+        if resume and not checkpoints:
+            self.log(f"--resume: {self.path} holds no checkpoint yet, so the run starts from the beginning")
+        if earlier and not checkpoints:
+            self.log(f"{self.path} held records of an earlier attempt without a checkpoint ({', '.join(earlier)}): "
+                     "removed, so the folder holds this run alone")
         for key, value in (provenance or {}).items():
             self.log(f"{key}: {value}")
         if changes:
@@ -166,9 +196,31 @@ class RunDir:
         kept = "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["epoch"] <= epoch)
         atomic_write(path, lambda handle: handle.write(kept.encode()))
 
-    def save_checkpoint(self, state: dict, name: str = LAST_CHECKPOINT) -> None:
-        if self.is_main:
-            atomic_save(state, self.path / name)
+    def checkpoint_files(self) -> list[Path]:
+        """This folder's checkpoints, newest first: last.pth, last.1.pth, ... (those that exist)."""
+        last = self.path / LAST_CHECKPOINT
+        older = [p for p in self.path.glob(f"{last.stem}.*{last.suffix}") if _age(p, last) is not None]
+        return [p for p in [last, *sorted(older, key=lambda p: _age(p, last))] if p.is_file()]
+
+    def save_checkpoint(self, state: dict) -> None:
+        """last.pth, atomically; the one it replaces becomes last.1.pth (and so on up to keep_checkpoints).
+        last.pth exists at every instant: the older copies are hard links (or copies) made before."""
+        if not self.is_main:
+            return
+        last = self.path / LAST_CHECKPOINT
+        if self.keep_checkpoints > 1 and last.is_file():
+            for age in range(self.keep_checkpoints - 1, 1, -1):
+                if previous_checkpoint(last, age - 1).is_file():
+                    os.replace(previous_checkpoint(last, age - 1), previous_checkpoint(last, age))
+            link = self.path / f".{last.stem}.1.link.tmp"
+            try:
+                os.link(last, link)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(last, link)
+            os.replace(link, previous_checkpoint(last, 1))
+        atomic_save(state, last)
+        for extra in self.checkpoint_files()[self.keep_checkpoints:]:  # keep_checkpoints was lowered
+            extra.unlink()
 
     def save_final_model(self, state: dict) -> None:
         """The trained model for the next stage or for deployment (the checkpoint holds more)."""
@@ -176,13 +228,22 @@ class RunDir:
             atomic_save(state, self.path / FINAL_MODEL)
             self.log(f"final model: {self.path / FINAL_MODEL}")
 
-    def load_checkpoint(self, name: str = LAST_CHECKPOINT) -> dict | None:
-        """The checkpoint to resume from, or None when the folder has none yet (a fresh start)."""
-        path = self.path / name
-        if not path.exists():
-            return None
-        # written atomically, so an unreadable one is outside damage
-        return checkpoint.read(path, "checkpoint", advice="; delete it to restart the run")
+    def load_checkpoint(self) -> dict | None:
+        """The newest readable checkpoint to resume from (logged), or None when the folder has none (a
+        fresh start). An unreadable one (torn, damaged from outside) is reported and the previous used."""
+        failures = []
+        for path in self.checkpoint_files():
+            try:
+                state = checkpoint.read(path, "checkpoint")
+            except UdaError as exc:
+                self.log(f"warning: {exc}; trying the checkpoint before it")
+                failures.append(path.name)
+                continue
+            self.log(f"resuming from {path} (epoch {state.get(checkpoint.EPOCH)})")
+            return state
+        if failures:
+            raise UdaError(f"no readable checkpoint in {self.path} ({', '.join(failures)}); delete them to restart the run")
+        return None
 
     def close(self) -> None:
         if self.writer is not None:
@@ -190,6 +251,14 @@ class RunDir:
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
+
+
+def _age(path: Path, last: Path) -> int | None:
+    """0 for last.pth, N for last.N.pth, None for any other file."""
+    if path == last:
+        return 0
+    middle = path.name[len(last.stem) + 1 : -len(last.suffix)]
+    return int(middle) if middle.isdigit() else None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -94,6 +94,7 @@ COMMON_DEFAULTS: dict = {
         "channels_last": False,
         "eval_every": 10,
         "sync_bn": False,  # SyncBatchNorm under torchrun
+        "keep_checkpoints": 2,  # last.pth and the one before (last.1.pth): a damaged newest one is not the end of the run
     },
     "eval": {
         "batch_size": 256,
@@ -164,6 +165,7 @@ RANGES: dict[str, tuple] = {
     "optim.epochs": _AT_LEAST_ONE,
     "optim.milestones": (lambda v: all(isinstance(m, int) and m >= 1 for m in v), "a list of epochs >= 1"),
     "train.eval_every": (_AT_LEAST_ONE[0], "a whole number of epochs >= 1 (the last epoch is always evaluated)"),
+    "train.keep_checkpoints": _AT_LEAST_ONE,
     "eval.batch_size": _AT_LEAST_ONE, "eval.rerank_k1": _AT_LEAST_ONE, "eval.rerank_k2": _AT_LEAST_ONE,
     "eval.rerank_lambda": _PROBABILITY,
     "adapt.iters": _AT_LEAST_ONE, "cluster.k1": _AT_LEAST_ONE, "cluster.k2": _AT_LEAST_ONE,

@@ -1,0 +1,80 @@
+"""uda.runlog: one run per folder, the last K checkpoints with a fallback, stale temporaries, file modes."""
+import os
+import stat
+
+import torch
+
+from uda.config import load_config
+from uda.runlog import RunDir, atomic_write, read_metrics
+
+
+def config(keep=2):
+    return load_config({"seed": 1, "optim": {"lr": 0.1}, "train": {"keep_checkpoints": keep}})
+
+
+def saves(path, epochs, keep=2):
+    run = RunDir(path, config(keep), resume=path.exists())
+    for epoch in epochs:
+        run.log_metrics(epoch, {"set": {"mAP": epoch / 10}})
+        run.save_checkpoint({"epoch": epoch})
+    run.close()
+
+
+def test_the_last_k_checkpoints_are_kept_and_a_damaged_newest_one_falls_back(tmp_path):
+    saves(tmp_path / "run", [1, 2, 3])
+    folder = tmp_path / "run"
+    assert sorted(p.name for p in folder.glob("last*.pth")) == ["last.1.pth", "last.pth"]
+    assert torch.load(folder / "last.pth")["epoch"] == 3 and torch.load(folder / "last.1.pth")["epoch"] == 2
+    (folder / "last.pth").write_bytes(b"torn")  # damaged from outside (the writes themselves are atomic)
+    run = RunDir(folder, config(), resume=True)
+    assert run.load_checkpoint()["epoch"] == 2
+    run.close()
+    log = (folder / "log.txt").read_text()
+    assert "cannot read the checkpoint" in log and "resuming from" in log and "last.1.pth (epoch 2)" in log
+    saves(tmp_path / "three", [1, 2, 3, 4], keep=3)
+    assert [torch.load(tmp_path / "three" / n)["epoch"] for n in ("last.pth", "last.1.pth", "last.2.pth")] == [4, 3, 2]
+    saves(tmp_path / "three", [5], keep=1)  # a lowered keep_checkpoints removes the extra copies
+    assert [p.name for p in (tmp_path / "three").glob("last*.pth")] == ["last.pth"]
+
+
+def test_a_rerun_into_a_folder_without_checkpoint_starts_it_clean(tmp_path):
+    """An attempt that failed after its epoch-0 evaluation, before its first checkpoint, leaves
+    metrics.jsonl and no last.pth; a later run into the folder must not append to it."""
+    folder = tmp_path / "run"
+    first = RunDir(folder, config())
+    first.log_metrics(0, {"set": {"mAP": 0.9}})
+    first.close()
+    second = RunDir(folder, config())
+    second.log_metrics(0, {"set": {"mAP": 0.1}})
+    second.close()
+    assert read_metrics(folder) == [{"epoch": 0, "set": {"mAP": 0.1}}]
+    assert "held records of an earlier attempt without a checkpoint (metrics.jsonl, tb): removed" in (folder / "log.txt").read_text()
+    # the same when a damaged last.pth was deleted as advised and the run resumed: nothing twice
+    saves(tmp_path / "cut", [1, 2])
+    for name in ("last.pth", "last.1.pth"):
+        (tmp_path / "cut" / name).unlink()
+    resumed = RunDir(tmp_path / "cut", config(), resume=True)
+    assert resumed.load_checkpoint() is None
+    resumed.log_metrics(1, {"set": {"mAP": 0.5}})
+    resumed.close()
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1]
+    assert "--resume: " in (tmp_path / "cut" / "log.txt").read_text()
+
+
+def test_stale_temporaries_go_and_files_keep_the_users_umask(tmp_path):
+    folder = tmp_path / "run"
+    saves(folder, [1])
+    stale = folder / ".last.pth.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    RunDir(folder, config(), resume=True).close()
+    assert not stale.exists()
+    atomic_write(folder / "written.txt", lambda handle: handle.write(b"x"))
+    expected = 0o666 & ~_umask()
+    assert stat.S_IMODE(os.stat(folder / "written.txt").st_mode) == expected
+    assert stat.S_IMODE(os.stat(folder / "last.pth").st_mode) == expected
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
