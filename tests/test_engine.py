@@ -54,6 +54,21 @@ def test_train_steps_minimises_and_stops_on_nan():
         train_steps([], lambda b: {}, [opt], num_steps=0, device=torch.device("cpu"))
 
 
+def test_a_finite_divergence_stops_the_epoch_and_names_the_lr():
+    """Adam at lr 1e6 moves every weight by ~1e6 a step: losses stay finite (~1e13) but useless."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(10))
+    opt = torch.optim.Adam([w], lr=1e6)
+    batches = [torch.randn(10) for _ in range(5)]
+    with pytest.raises(UdaError) as info:
+        train_steps(batches, lambda b: {"sq": ((w - b) ** 2).sum()}, [opt], num_steps=5, device=torch.device("cpu"))
+    message = str(info.value)
+    assert "diverging: at step 0" in message and "lr: 1e+06" in message and "new --output-dir" in message
+    healthy = torch.optim.Adam([w], lr=1e-2)  # the same problem at a sane lr trains through
+    w.data = torch.randn(10)
+    train_steps(batches * 10, lambda b: {"sq": ((w - b) ** 2).sum()}, [healthy], num_steps=50, device=torch.device("cpu"))
+
+
 def test_run_dir_writes_config_metrics_and_refuses_overwrite(tmp_path):
     cfg = load_config({"seed": 1, "optim": {"lr": 0.1}})
     run = RunDir(tmp_path / "run", cfg)

@@ -109,3 +109,11 @@ def test_market2duke_script_names_a_missing_variant_config():
     result = _market2duke("--variant", "tpu")
     assert result.returncode == 2
     assert "no config configs/pretrain/market_tpu.yaml" in result.stderr
+
+
+def test_a_diverging_run_stops_before_its_checkpoint_with_a_message(synth_root, tmp_path):
+    from uda.errors import UdaError
+
+    with pytest.raises(UdaError, match=r"diverging.*lower optim.lr \(this step's lr: 1e\+06\)"):
+        run_pretrain(synth_root, tmp_path / "run", "optim.lr=1e6", "optim.warmup_epochs=0", "optim.epochs=2")
+    assert not (tmp_path / "run" / "last.pth").exists() and not (tmp_path / "run" / "model_final.pth").exists()

@@ -84,11 +84,15 @@ def train_steps(
     """Run the optimisation steps of one epoch; return the mean of each named loss.
 
     `compute_losses(batch)` returns named scalar losses (already weighted); their sum is minimised,
-    and every one of `optimizers` steps after each backward, in order. A non-finite loss stops the
-    run with a message instead of silently corrupting the weights.
+    and every one of `optimizers` steps after each backward, in order. A diverging run stops with a
+    message, before the epoch's checkpoint, so the last good one stays: a non-finite loss, or the
+    first optimizer's parameters growing DIVERGENCE_GROWTH-fold in norm within the epoch (a finite
+    divergence: lr 1e6 gives losses ~1e13 and a useless model without one NaN).
     """
     sums: dict[str, float] = {}
     steps = 0
+    params = [p for group in optimizers[0].param_groups for p in group["params"]] if optimizers else []
+    start_norm = _norm(params)
     progress = tqdm(batches, total=num_steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for batch in progress:
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -96,15 +100,18 @@ def train_steps(
         total = sum(losses.values())
         if not torch.isfinite(total):
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise UdaError(
-                f"non-finite loss at step {steps} of {desc} ({detail}); lower optim.lr, check the data, "
-                "or resume from the last checkpoint"
-            )
+            raise UdaError(f"non-finite loss at step {steps} of {desc} ({detail}); {_divergence_advice(optimizers)}")
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         total.backward()
         for optimizer in optimizers:
             optimizer.step()
+        norm = _norm(params)
+        if start_norm > 0 and norm > DIVERGENCE_GROWTH * start_norm:
+            raise UdaError(
+                f"the run is diverging: at step {steps} of {desc} the weights' norm grew from {start_norm:.4g} to "
+                f"{norm:.4g} (loss {total.item():.4g}); {_divergence_advice(optimizers)}"
+            )
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.item()
         steps += 1
@@ -112,6 +119,22 @@ def train_steps(
     if steps == 0:
         raise UdaError(f"{desc}: the loader yielded no batch; the training split is smaller than one P x K batch")
     return {name: value / steps for name, value in sums.items()}
+
+
+DIVERGENCE_GROWTH = 10.0  # weight-norm growth within one epoch that only a diverging run shows (a healthy one: a few %)
+
+
+def _norm(params: list[torch.Tensor]) -> float:
+    if not params:
+        return 0.0
+    with torch.no_grad():
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params))))
+
+
+def _divergence_advice(optimizers: Sequence[Steps]) -> str:
+    lr = optimizers[0].param_groups[0]["lr"] if optimizers and hasattr(optimizers[0], "param_groups") else None
+    return (f"lower optim.lr (this step's lr: {lr:.3g}) or check the data, and start again in a new --output-dir: "
+            "the last checkpoint is intact, but --resume continues a run only with the settings it started with")
 
 
 def fit(
