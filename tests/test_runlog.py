@@ -78,3 +78,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_version_records_what_besides_the_config_decides_the_numbers(tmp_path):
+    RunDir(tmp_path / "run", config()).close()
+    version = (tmp_path / "run" / "version.txt").read_text()
+    assert f"threads: {torch.get_num_threads()}\n" in version and f"torch: {torch.__version__}" in version
+    for key in ("commit: ", "cpu: ", "gpu: ", "device: ", "deterministic: False"):
+        assert key in version, key

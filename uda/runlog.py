@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,20 @@ def code_version() -> str:
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: files written through a temporary get the mode a plain open() would give
+
+
+def machine_record(cfg: Config) -> str:
+    """What besides the config decides a run's numbers: the same seed gives other results with another
+    thread count (CPU reductions split differently), another GPU, or non-deterministic kernels."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"threads: {torch.get_num_threads()}\ncpu: {cpu}\ngpu: {gpu}\n"
+            f"device: {cfg.get('device', 'auto')}\ndeterministic: {cfg.get('deterministic', False)}\n")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -143,7 +158,8 @@ class RunDir:
         dump_config(cfg, self.path / "config.yaml")
         (self.path / "version.txt").write_text(
             f"commit: {code_version()}\ntorch: {torch.__version__}\npython: {sys.version.split()[0]}\n"
-            f"command: {' '.join(sys.argv)}\n" + "".join(f"{k}: {v}\n" for k, v in (provenance or {}).items())
+            f"command: {' '.join(sys.argv)}\n{machine_record(cfg)}"
+            + "".join(f"{k}: {v}\n" for k, v in (provenance or {}).items())
         )
         if not self.logger.handlers:
             fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
