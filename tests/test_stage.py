@@ -122,3 +122,13 @@ def test_training_ids_stay_contiguous_when_corrupt_images_take_a_whole_identity(
     kept, _ = stage.prepare_train_split(records, cfg, torch.device("cpu"))
     assert [r.pid for r in kept] == [0, 0, 1, 1]
     assert [r.orig_pid for r in kept] == [0, 0, 2, 2]
+
+
+def test_margin_heads_take_their_own_default_margin_unless_one_is_set():
+    def head(*opts):
+        return stage.build_classifier(load_config(pretrain.DEFAULTS, None, list(opts)), 8, 4)
+
+    assert head("model.head=arcface").margin == 0.5 and head("model.head=cosface").margin == 0.35
+    assert head("model.head=arcface", "model.margin=0.3").margin == 0.3
+    with pytest.raises(ConfigError, match="model.margin must be >= 0, got 'wide'"):
+        stage.check_settings(load_config(pretrain.DEFAULTS, None, ["model.margin=wide"]))

@@ -68,7 +68,7 @@ COMMON_DEFAULTS: dict = {
         "head": "linear",  # linear | cosine | arcface | cosface
         "temperature": 0.1,  # cosine head: logits = cos / T
         "scale": 30.0,  # arcface / cosface
-        "margin": 0.35,  # cosface (arcface usually 0.5)
+        "margin": None,  # arcface / cosface; None: the head's own (ArcFace 0.5, CosFace 0.35)
     },
     "loss": {
         "ce_weight": 1.0,
@@ -173,6 +173,13 @@ RANGES: dict[str, tuple] = {
 }
 
 
+def _passes(ok, value) -> bool:
+    try:
+        return bool(ok(value))
+    except TypeError:  # a string where a number belongs (keys whose default is None take any type)
+        return False
+
+
 def check_settings(cfg: Config) -> None:
     """Every enumerated and numeric setting, checked as soon as the config is read, so nothing fails
     after minutes of decoding or training with a traceback from deep inside: a name not in its
@@ -184,7 +191,7 @@ def check_settings(cfg: Config) -> None:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {values[key]!r}{hint}")
     for key, (ok, rule) in RANGES.items():
-        if key in values and values[key] is not None and not ok(values[key]):
+        if key in values and values[key] is not None and not _passes(ok, values[key]):
             raise ConfigError(f"{key} must be {rule}, got {values[key]!r}")
     if cfg.loss.ce_weight == 0 and cfg.loss.triplet_weight == 0:
         raise ConfigError("loss.ce_weight and loss.triplet_weight are both 0: nothing to train")
@@ -403,7 +410,8 @@ def load_model_weights(model: ReIDModel, saved: dict, path: str | Path) -> None:
 
 def build_classifier(cfg: Config, in_features: int, num_classes: int) -> ClassifierHead:
     m = cfg.model
-    options = {"linear": {}, "cosine": {"temperature": m.temperature}}.get(m.head, {"scale": m.scale, "margin": m.margin})
+    margin = {} if m.margin is None else {"margin": m.margin}
+    options = {"linear": {}, "cosine": {"temperature": m.temperature}}.get(m.head, {"scale": m.scale, **margin})
     return build_head(m.head, in_features, num_classes, **options)
 
 
