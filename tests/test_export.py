@@ -1,0 +1,30 @@
+"""uda.export: the ONNX file computes the PyTorch model's inference features, at any batch size."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import uda
+from uda import export
+from uda.data.images import read_image
+from uda.datasets import load_dataset
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def test_onnx_features_equal_pytorchs_on_real_looking_images(source_model, synth_root, tmp_path):
+    out = tmp_path / "model.onnx"
+    record = export.main(["--model", str(source_model), "--out", str(out)])
+    assert json.loads(out.with_suffix(".json").read_text()) == record
+    assert (record["height"], record["width"], record["feature_dim"]) == (64, 32, 128)
+    paths = [r.path for r in load_dataset("synth_duke", synth_root, synth_preset="tiny").query[:7]]
+    extractor = uda.load_model(source_model, device="cpu")
+    expected = extractor(paths).numpy()
+    images = torch.stack([extractor.transform(read_image(p)) for p in paths])
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (images[:1], images):  # the batch axis is dynamic
+        (got,) = session.run(["features"], {"images": batch.numpy()})
+        assert got.shape == (len(batch), 128)
+        np.testing.assert_allclose(got, expected[: len(batch)], atol=1e-4)

@@ -1,0 +1,87 @@
+"""A trained model as an ONNX file, for serving without PyTorch.
+
+    python -m uda.export --model runs/adapt/market2duke/model_final.pth --out model.onnx [--opset 18]
+
+The exported graph is what the run's evaluation computes from a batch of preprocessed images:
+
+    input  "images"   (batch, 3, H, W) float32: RGB resized to the run's data.height x data.width,
+                      scaled to [0, 1], normalised with ImageNet's mean and std
+    output "features" (batch, D) float32: flip-averaged when the run evaluated so (eval.flip), L2-normalised
+
+with a dynamic batch axis. H, W, the mean/std and D are written beside it in <out>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python uda/export.py`: import the package, not uda/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uda import stage
+from uda.cli import run_main
+from uda.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from uda.errors import UdaError
+
+
+class InferenceFeatures(nn.Module):
+    """images (B, 3, H, W) -> L2-normalised (B, D) features, as uda.evaluation.extract_features computes them."""
+
+    def __init__(self, model: nn.Module, flip: bool):
+        super().__init__()
+        self.model = model.eval()
+        self.flip = flip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model(images)
+        if self.flip:
+            features = (features + self.model(images.flip(3))) / 2
+        return F.normalize(features, dim=1)
+
+
+def export_onnx(path: str | Path, out: str | Path, opset: int = 18) -> dict:
+    """Write `out` (.onnx) and `out`.json from a saved model; returns the JSON record."""
+    model, cfg = stage.load_trained_model(path, ["device=cpu"])
+    net = InferenceFeatures(model, cfg.eval.flip)
+    example = torch.zeros(2, 3, cfg.data.height, cfg.data.width)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.onnx.export(
+            net, (example,), str(out), input_names=["images"], output_names=["features"], opset_version=opset,
+            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
+        )
+    except ImportError as exc:
+        raise UdaError(f"ONNX export needs onnx and onnxscript (pip install -e '.[test]'): {exc}") from None
+    record = {
+        "model": str(path), "input": "images", "output": "features", "height": cfg.data.height, "width": cfg.data.width,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "flip": cfg.eval.flip, "feature_dim": model.feature_dim,
+        "opset": opset,
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="model_final.pth or last.pth of pretrain.py / adapt.py")
+    parser.add_argument("--out", required=True, type=Path, help="the .onnx file to write (its .json beside it)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    args = parser.parse_args(argv)
+    record = export_onnx(args.model, args.out, args.opset)
+    print(f"{args.out}: images (batch, 3, {record['height']}, {record['width']}) -> features (batch, {record['feature_dim']})")
+    return record
+
+
+def cli() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
