@@ -48,7 +48,7 @@ class InferenceFeatures(nn.Module):
 def export_onnx(path: str | Path, out: str | Path, opset: int = 18) -> dict:
     """Write `out` (.onnx) and `out`.json from a saved model; returns the JSON record."""
     model, cfg = stage.load_trained_model(path, ["device=cpu"])
-    net = InferenceFeatures(model, cfg.eval.flip)
+    net = InferenceFeatures(model, cfg.eval.flip).eval()
     example = torch.zeros(2, 3, cfg.data.height, cfg.data.width)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -236,6 +236,8 @@ def load_named_dataset(name: str | None, cfg: Config) -> ReIDDataset:
 def uses_device_pipeline(cfg: Config) -> bool:
     """data.pipeline: 'device' (batches built on the training device, see uda.data.device_batches) or
     'loader' (the per-image DataLoader pipeline: less memory, for splits too large to hold resized)."""
+    if cfg.data.pipeline not in PIPELINES:  # also for callers that build splits without check_settings
+        raise ConfigError(f"data.pipeline must be one of {', '.join(PIPELINES)}, got {cfg.data.pipeline!r}")
     return cfg.data.pipeline == "device"
 
 
