@@ -14,7 +14,6 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.distributed
 from tqdm import tqdm
 
 from uda.errors import UdaError
@@ -84,14 +83,15 @@ def train_steps(
     """Run the optimisation steps of one epoch; return the mean of each named loss.
 
     `compute_losses(batch)` returns named scalar losses (already weighted); their sum is minimised,
-    and every one of `optimizers` steps after each backward, in order. A diverging run stops with a
+    and every one of `optimizers` steps after each backward, in order; the first is the model's torch
+    optimizer (its parameters are watched, its lr named in messages). A diverging run stops with a
     message, before the epoch's checkpoint, so the last good one stays: a non-finite loss, or the
     first optimizer's parameters growing DIVERGENCE_GROWTH-fold in norm within the epoch (a finite
     divergence: lr 1e6 gives losses ~1e13 and a useless model without one NaN).
     """
     sums: dict[str, float] = {}
     steps = 0
-    params = [p for group in optimizers[0].param_groups for p in group["params"]] if optimizers else []
+    params = [p for group in optimizers[0].param_groups for p in group["params"]]
     start_norm = _norm(params)
     progress = tqdm(batches, total=num_steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for batch in progress:
@@ -132,7 +132,7 @@ def _norm(params: list[torch.Tensor]) -> float:
 
 
 def _divergence_advice(optimizers: Sequence[Steps]) -> str:
-    lr = optimizers[0].param_groups[0]["lr"] if optimizers and hasattr(optimizers[0], "param_groups") else None
+    lr = optimizers[0].param_groups[0]["lr"]
     return (f"lower optim.lr (this step's lr: {lr:.3g}) or check the data, and start again in a new --output-dir: "
             "the last checkpoint is intact, but --resume continues a run only with the settings it started with")
 

@@ -386,12 +386,13 @@ def check_model_settings(cfg: Config, saved: dict, path: str | Path) -> None:
     if not isinstance(saved.get(checkpoint.CONFIG), dict):
         return
     before, now = flatten(saved[checkpoint.CONFIG]), flatten(cfg.to_dict())
-    differ = [f"{key}={before[key]!r} (here {now[key]!r})" for key in MODEL_SETTINGS if key in before and before[key] != now[key]]
+    differ = [key for key in MODEL_SETTINGS if key in before and before[key] != now[key]]
     if differ:
-        opts = " ".join(f"{key}={before[key]}" for key in MODEL_SETTINGS if key in before and before[key] != now[key])
+        listed = ", ".join(f"{key}={before[key]!r} (here {now[key]!r})" for key in differ)
         raise UdaError(
-            f"{path} was trained with {', '.join(differ)}; use a config with the same model and image size "
-            f"(e.g. the configs/uda/ file paired with its pretrain config) or add --opts {opts}"
+            f"{path} was trained with {listed}; use a config with the same model and image size "
+            f"(e.g. the configs/uda/ file paired with its pretrain config) or add --opts "
+            + " ".join(f"{key}={before[key]}" for key in differ)
         )
 
 
