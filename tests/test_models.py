@@ -172,6 +172,17 @@ def test_imagenet_reads_torch_hub_cache(empty_torch_home):
     assert torch.equal(loaded.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
 
 
+def test_a_torn_file_in_the_hub_cache_says_how_to_replace_it(empty_torch_home):
+    cache = empty_torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "resnet18-f37072fd.pth").write_bytes(b"torn")
+    with pytest.raises(UdaError) as info:
+        build_backbone("resnet18", pretrained="imagenet")
+    message = str(info.value)
+    assert message.startswith("cannot read the ImageNet weights") and "\n" not in message
+    assert "replace it with a good copy of https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+
+
 def test_bad_backbone_options_are_config_errors():
     with pytest.raises(ConfigError, match="no ImageNet weights"):
         build_backbone("resnet18_w16", pretrained="imagenet")

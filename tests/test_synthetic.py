@@ -236,3 +236,9 @@ def test_cli_and_preview(tmp_path, capsys):
     preview = Image.open(write_preview(tmp_path / "sheet.png", seed=0, rows=2))
     pixels = np.asarray(preview.convert("RGB"), np.float32)
     assert preview.width > 8 * 100 and (pixels < 250).mean() > 0.3                # eight Duke columns of images
+
+
+def test_the_preset_names_the_config_checks_are_the_presets_that_exist():
+    from uda.datasets.synthetic import PRESET_NAMES, PRESETS, STYLES
+
+    assert set(PRESETS) == {(domain, preset) for domain in STYLES for preset in PRESET_NAMES}

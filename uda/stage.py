@@ -23,6 +23,7 @@ from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoade
 from uda.data.images import ImageCache
 from uda.datasets import ReIDDataset, load_dataset
 from uda.datasets.base import ImageRecord, relabel_train, subset_identities
+from uda.datasets.synthetic import PRESET_NAMES
 from uda.distributed import DistInfo, barrier
 from uda.engine import SCHEDULES, Schedule
 from uda.errors import ConfigError, UdaError
@@ -141,7 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "data.pipeline": PIPELINES,
-    "data.synth_preset": ("tiny", "small", "full"),
+    "data.synth_preset": PRESET_NAMES,
     "eval.metric": METRICS,
     "eval.ap": AP_DEFINITIONS,
     "cluster.knn_backend": KNN_BACKENDS,

@@ -54,6 +54,7 @@ class Counts:
     id_space: int              # every id is drawn from 1..id_space
 
 
+PRESET_NAMES = ("tiny", "small", "full")  # each exists for both domains (PRESETS)
 PRESETS: dict[tuple[str, str], Counts] = {
     ("market", "tiny"): Counts(train_ids=16, train_images=128, test_ids=16, query_images=40, gallery_images=100,
                                distractor_images=12, distractor_ids=0, junk_images=8, id_space=40),
@@ -194,7 +195,7 @@ def _check_args(domain: str, preset: str, workers: int | None) -> None:
     if domain not in STYLES:
         raise DatasetError(f"unknown synthetic domain {domain!r}; use one of {sorted(STYLES)}")
     if (domain, preset) not in PRESETS:
-        raise DatasetError(f"unknown synthetic preset {preset!r}; use tiny, small or full")
+        raise DatasetError(f"unknown synthetic preset {preset!r}; use one of {', '.join(PRESET_NAMES)}")
     if workers is not None and workers < 1:
         raise DatasetError(f"workers must be >= 1, got {workers}")
 
@@ -289,7 +290,7 @@ def write_preview(path: Path, seed: int = 0, rows: int = 4) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uda.datasets.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--domain", choices=sorted(STYLES))
-    parser.add_argument("--preset", default="small", choices=["tiny", "small", "full"])
+    parser.add_argument("--preset", default="small", choices=PRESET_NAMES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")

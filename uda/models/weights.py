@@ -132,14 +132,9 @@ def imagenet_state_dict(name: str, weights: tvm.WeightsEnum) -> tuple[dict[str, 
     """(ImageNet state dict, where it came from) for backbone `name`, in the module docstring's order."""
     cache = torchvision_cache_path(weights)
     official = f"torchvision {weights} ({cache})"
-    if cache.is_file():
-        try:
-            return torch.load(cache, map_location="cpu", weights_only=True), official
-        except Exception as exc:  # unreadable or torn file: fixed by providing a good copy
-            raise UdaError(
-                f"cannot read ImageNet weights {cache} ({type(exc).__name__}: {exc}); "
-                f"replace it with a good copy of {weights.url} or pass pretrained: PATH"
-            ) from None
+    if cache.is_file():  # an unreadable or torn file is fixed by providing a good copy
+        advice = f"; replace it with a good copy of {weights.url} or pass pretrained: PATH"
+        return checkpoint.model_state(checkpoint.read(cache, "ImageNet weights", advice=advice)), official
     offline = OFFLINE_IMAGENET.get(name)
     found = offline() if offline is not None else None
     if found is not None:
