@@ -54,9 +54,9 @@ DEFAULTS = stage.defaults(
 )
 
 
-def default_init(cfg: Config) -> Path:
+def default_init(cfg: Config, source_name: str) -> Path:
     """The source model of the matching pretrain run, or a message saying which command makes it."""
-    path = pretrain_output_dir(cfg.data.source) / FINAL_MODEL
+    path = pretrain_output_dir(source_name) / FINAL_MODEL
     if not path.is_file():
         raise UdaError(
             f"no source model at {path}; make it with `python uda/pretrain.py --source {cfg.data.source} "
@@ -139,22 +139,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     dist = init_distributed()
     device = pick_device(dist, cfg.device)
-    source = stage.load_named_dataset(cfg.data.source, cfg)
-    target = stage.load_named_dataset(cfg.data.target, cfg)
-    init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg)
+    source = stage.load_named_dataset(cfg.data.source, cfg, "source")
+    target = stage.load_named_dataset(cfg.data.target, cfg, "target")
+    if cfg.cluster.camera_normalize and not target.has_cameras:
+        raise ConfigError(
+            f"cluster.camera_normalize=true needs camera ids, and {target.name} ({target.root}) has none: "
+            f"pass --opts cluster.camera_normalize=false, or give its images cameras (names c<N>_..., or a camid column)"
+        )
+    init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg, source.name)
     seed_everything(cfg.seed)
     source_model = checkpoint.read(init_path, "source model")  # before any image is decoded: a wrong source model fails early
     stage.check_model_settings(cfg, source_model, init_path)
     model = stage.build_reid_model(cfg, pretrained="none")
     stage.load_model_weights(model, source_model, init_path)
-    output_dir = args.output_dir or Path("runs") / "adapt" / f"{cfg.data.source}2{cfg.data.target}"
+    output_dir = args.output_dir or Path("runs") / "adapt" / f"{source.name}2{target.name}"
     run = RunDir(output_dir, cfg, resume=args.resume, is_main=dist.is_main)
     run.log(source.summary())
     run.log(target.summary())
 
     source_train, source_images = stage.prepare_train_split(source.train, cfg, device)
     target_train, target_images = stage.prepare_train_split(target.train, cfg, device)
-    target_true_ids = np.array([r.orig_pid for r in target_train])  # diagnostics only
+    target_true_ids = np.array([r.orig_pid for r in target_train]) if target.train_labelled else None  # diagnostics only
     target_camids = torch.tensor([r.camid for r in target_train])  # cameras are known without labels
     target_memory_loader = stage.make_plain_loader(target_train, cfg, target_images)
     iters = cfg.adapt.iters
@@ -197,11 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
         features = memory_features(net.model, target_memory_loader, cfg, device, f"target memory {epoch + 1}")
         clusters = pseudo_label_round(features, target_camids, device=device, true_ids=target_true_ids, dist=dist, **cfg.cluster)
         stats = clusters.stats
-        run.log(
-            f"epoch {epoch + 1} clusters: {stats['num_clusters']} ({stats['outlier_fraction']:.1%} outliers), "
-            f"NMI {stats['nmi']:.3f} ARI {stats['ari']:.3f} pairwise P/R {stats['pairwise_precision']:.3f}/"
-            f"{stats['pairwise_recall']:.3f} (diagnostics vs true ids)"
+        agreement = (
+            f", NMI {stats['nmi']:.3f} ARI {stats['ari']:.3f} pairwise P/R {stats['pairwise_precision']:.3f}/"
+            f"{stats['pairwise_recall']:.3f} (diagnostics vs true ids)" if "nmi" in stats else ""
         )
+        run.log(f"epoch {epoch + 1} clusters: {stats['num_clusters']} ({stats['outlier_fraction']:.1%} outliers){agreement}")
         if stats["num_clusters"] < cfg.data.num_pids:
             raise UdaError(
                 f"epoch {epoch + 1}: {stats['num_clusters']} target clusters, fewer than the {cfg.data.num_pids} "

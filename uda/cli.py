@@ -10,8 +10,11 @@ from uda.errors import UdaError
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", help="source dataset: market, duke, msmt17, synth_market, synth_duke")
-    parser.add_argument("--target", help="target dataset (same names)")
+    parser.add_argument(
+        "--source", help="source dataset: market, duke, msmt17, synth_market, synth_duke, or the path of your own "
+        "(a folder holding train/ query/ gallery/, or a .csv; see uda/datasets/custom.py)"
+    )
+    parser.add_argument("--target", help="target dataset (same choices; your own may have unlabelled train images)")
     parser.add_argument("--config", help="YAML config of the experiment (see configs/)")
     parser.add_argument("--output-dir", help="run folder (config, log, metrics.jsonl, TensorBoard, checkpoints)")
     parser.add_argument("--data-root", help="folder holding the datasets (default: $UDA_DATA, else ./data)")

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, cfg = stage.load_trained_model(args.model, opts)  # a bare state dict: the default model unless --opts say otherwise
     stage.set_backends(cfg)
     device = pick_device(DistInfo(), cfg.device)
-    datasets = [stage.load_named_dataset(name, cfg) for name in args.dataset]  # parsing only: a wrong path fails at once
+    datasets = [stage.load_named_dataset(name, cfg, "test") for name in args.dataset]  # parsing only: a wrong path fails at once
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -48,12 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     dist = init_distributed()
     device = pick_device(dist, cfg.device)
-    source_name = cfg.data.source
-    source = stage.load_named_dataset(source_name, cfg)  # parsing only: a wrong path fails at once
-    target = stage.load_named_dataset(cfg.data.target, cfg) if cfg.data.target else None
+    source = stage.load_named_dataset(cfg.data.source, cfg, "source")  # parsing only: a wrong path fails at once
+    target = stage.load_named_dataset(cfg.data.target, cfg, "target") if cfg.data.target else None
     seed_everything(cfg.seed)
     model = stage.build_reid_model(cfg)  # before any image is decoded: a wrong weights path fails early
-    run = RunDir(args.output_dir or default_output_dir(source_name), cfg, resume=args.resume, is_main=dist.is_main,
+    run = RunDir(args.output_dir or default_output_dir(source.name), cfg, resume=args.resume, is_main=dist.is_main,
                  provenance={"backbone_weights": model.backbone.weights_source})
 
     train_records, train_images = stage.prepare_train_split(source.train, cfg, device)

@@ -26,7 +26,7 @@ from uda.datasets.base import ImageRecord, relabel_train, subset_identities
 from uda.datasets.synthetic import PRESET_NAMES
 from uda.distributed import DistInfo, barrier
 from uda.engine import SCHEDULES, Schedule
-from uda.errors import ConfigError, UdaError
+from uda.errors import ConfigError, DatasetError, UdaError
 from uda.evaluation.distance import METRICS, pairwise_distance
 from uda.evaluation.features import extract_features
 from uda.evaluation.metrics import AP_DEFINITIONS, evaluate
@@ -224,13 +224,20 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def load_named_dataset(name: str | None, cfg: Config) -> ReIDDataset:
+def load_named_dataset(name: str | None, cfg: Config, role: str) -> ReIDDataset:
+    """Dataset `name` parsed (file names only), to be used as `role` (source, target, test): a source
+    must have train ids (custom data may not)."""
     if not name:
         raise ConfigError("no dataset named: pass --source (and --target), e.g. --source market --target duke")
     dataset = load_dataset(
         name, cfg.data.root, synth_preset=cfg.data.synth_preset, synth_seed=cfg.data.synth_seed,
         msmt_train_val=cfg.data.msmt_train_val,
     )
+    if role == "source" and not dataset.train_labelled:
+        raise DatasetError(
+            f"{dataset.name} ({dataset.root}): its train images have no ids, so it can only be a target; a source "
+            f"needs train/<id>/<image> subfolders (or a pid column)"
+        )
     return subset_identities(dataset, cfg.data.subset_ids)
 
 
@@ -305,12 +312,14 @@ def make_plain_loader(records: list[ImageRecord], cfg: Config, images: Images, d
 
 @dataclass
 class TestSet:
-    """A dataset's query and gallery, loaded once (query first, then gallery, in one loader)."""
+    """A dataset's query and gallery, loaded once (query first, then gallery, in one loader).
+    remove_same_camera: the Market-1501 protocol; False for custom data without camera ids."""
 
     name: str
     query: list[ImageRecord]
     gallery: list[ImageRecord]
     loader: DataLoader | DevicePlainLoader
+    remove_same_camera: bool = True
 
 
 def make_test_set(dataset: ReIDDataset, cfg: Config, device: torch.device) -> TestSet:
@@ -320,7 +329,8 @@ def make_test_set(dataset: ReIDDataset, cfg: Config, device: torch.device) -> Te
     kept = {r.path for r in records}
     query = [r for r in dataset.query if r.path in kept]
     gallery = [r for r in dataset.gallery if r.path in kept]
-    return TestSet(dataset.name, query, gallery, make_plain_loader(query + gallery, cfg, images, device))
+    loader = make_plain_loader(query + gallery, cfg, images, device)
+    return TestSet(dataset.name, query, gallery, loader, remove_same_camera=dataset.has_cameras)
 
 
 def evaluate_test_sets(
@@ -343,7 +353,8 @@ def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: t
         q_pids, q_cams = torch.tensor([r.pid for r in test_set.query]), torch.tensor([r.camid for r in test_set.query])
         g_pids, g_cams = torch.tensor([r.pid for r in test_set.gallery]), torch.tensor([r.camid for r in test_set.gallery])
         distmat = pairwise_distance(qf, gf, metric=cfg.eval.metric, device=device)
-        results[test_set.name] = _summary(evaluate(distmat, q_pids, g_pids, q_cams, g_cams, ap=cfg.eval.ap))
+        protocol = {"ap": cfg.eval.ap, "remove_same_camera": test_set.remove_same_camera}
+        results[test_set.name] = _summary(evaluate(distmat, q_pids, g_pids, q_cams, g_cams, **protocol))
         if cfg.eval.rerank:
             # the published re-ranking squares its input, so it is given Euclidean distances
             reranked = re_ranking(
@@ -352,7 +363,7 @@ def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: t
                 pairwise_distance(gf, gf, metric="euclidean", device=device),
                 k1=cfg.eval.rerank_k1, k2=cfg.eval.rerank_k2, lambda_value=cfg.eval.rerank_lambda, device=device,
             )
-            results[f"{test_set.name}_rerank"] = _summary(evaluate(reranked, q_pids, g_pids, q_cams, g_cams, ap=cfg.eval.ap))
+            results[f"{test_set.name}_rerank"] = _summary(evaluate(reranked, q_pids, g_pids, q_cams, g_cams, **protocol))
     return results
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 class ImageRecord:
     """One image of a split.
 
-    pid: train split: relabelled 0..N-1; query/gallery: the original id (0 = distractor).
-    camid: 0-based camera index.
+    pid: train split: relabelled 0..N-1 (-1: unlabelled, a custom target); query/gallery: the original
+        id (0 = distractor).
+    camid: 0-based camera index (-1: unknown, a custom dataset without camera ids).
     orig_pid: the id as written in the file name, kept for diagnostics (e.g. scoring pseudo-labels).
     """
 
@@ -40,14 +41,25 @@ class ReIDDataset:
     def num_train_cams(self) -> int:
         return len({r.camid for r in self.train})
 
-    def summary(self) -> str:
-        def ids(split: list[ImageRecord]) -> int:
-            return len({r.pid for r in split})
+    @property
+    def has_cameras(self) -> bool:
+        """Camera ids known for every image (custom data may have none: a dataset has all or none)."""
+        return all(r.camid >= 0 for split in (self.train, self.query, self.gallery) for r in split)
 
+    @property
+    def train_labelled(self) -> bool:
+        """Train ids known (every built-in dataset; custom data may be unlabelled: a target only)."""
+        return all(r.pid >= 0 for r in self.train)
+
+    def summary(self) -> str:
         rows = [f"{self.name} ({self.root})", "  split   | ids   | images"]
         for split_name in ("train", "query", "gallery"):
             split = getattr(self, split_name)
-            rows.append(f"  {split_name:<7} | {ids(split):>5} | {len(split):>6}")
+            unlabelled = split_name == "train" and not self.train_labelled
+            ids = "-" if unlabelled else len({r.pid for r in split})
+            rows.append(f"  {split_name:<7} | {ids:>5} | {len(split):>6}" + ("  (unlabelled: a target only)" if unlabelled else ""))
+        if not self.has_cameras:
+            rows.append("  no camera ids: evaluation keeps same-camera matches (not the Market-1501 protocol)")
         return "\n".join(rows)
 
 

@@ -8,7 +8,8 @@ Data root: the `data_root` argument, else $UDA_DATA, else ./data. Under it:
     synth_market  synth_market_<preset>_seed<seed>   (Market layout; generated on first use)
     synth_duke    synth_duke_<preset>_seed<seed>     (Duke layout; generated on first use)
 
-or, for a real dataset, the data root itself when it directly holds the layout.
+or, for a real dataset, the data root itself when it directly holds the layout. A name that is a path
+(it holds a `/` or ends in .csv) is your own data: see uda.datasets.custom.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 from uda.datasets.base import ReIDDataset
+from uda.datasets.custom import is_custom_dataset, parse_custom
 from uda.datasets.duke import parse_duke
 from uda.datasets.market import parse_market
 from uda.datasets.msmt17 import parse_msmt17
@@ -68,11 +70,14 @@ def load_dataset(
     synth_seed: int = 0,
     msmt_train_val: bool = False,
 ) -> ReIDDataset:
-    """Parse dataset `name` (one of KNOWN_DATASETS) found under the data root.
+    """Parse dataset `name` (one of KNOWN_DATASETS) found under the data root, or the custom dataset at
+    the path `name` (a folder or a CSV; not under the data root unless the path says so).
 
     synth_*: the synthetic domain's preset and seed; it is generated into its folder when absent.
     msmt_train_val: MSMT17 trains on list_train + list_val (SpCL) instead of list_train only.
     """
+    if name not in KNOWN_DATASETS and is_custom_dataset(name):
+        return parse_custom(name)
     root = resolve_data_root(data_root)
     if name in SYNTHETIC_PARSERS:
         folder = synthetic_folder(name, root, synth_preset, synth_seed)
@@ -82,7 +87,10 @@ def load_dataset(
             generate(name.removeprefix("synth_"), synth_preset, synth_seed, folder)
         return SYNTHETIC_PARSERS[name](folder, name)
     if name not in DATASET_FOLDERS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(KNOWN_DATASETS)}")
+        raise DatasetError(
+            f"unknown dataset {name!r}; choose one of {', '.join(KNOWN_DATASETS)}, or give the path of your own "
+            f"data (a folder holding train/ query/ gallery/, or a .csv file; e.g. ./{name})"
+        )
     folder = find_dataset_folder(name, root)
     if name == "msmt17":
         return parse_msmt17(folder, train_val=msmt_train_val)

@@ -37,6 +37,7 @@ def evaluate(
     g_camids: np.ndarray | torch.Tensor,
     max_rank: int = 50,
     ap: APDefinition = "noninterp",
+    remove_same_camera: bool = True,
 ) -> dict:
     """Score a (num_query, num_gallery) distance matrix (smaller = more similar).
 
@@ -50,6 +51,8 @@ def evaluate(
           p_before_i = (i - 1) / (r_i - 1) if r_i > 1 else 1.
     INP (Ye et al., "Deep Learning for Person Re-identification", TPAMI 2021) = n / r_n, the
     fraction of the list down to the hardest match that are matches; mINP is its mean.
+    remove_same_camera=False: no item is removed (a dataset without camera ids; not the Market-1501
+    protocol, which removes the query's id seen from the query's camera).
     cmc[k] = fraction of valid queries whose first match is within the top k + 1 (length max_rank;
     entries past the gallery length are 1). rank1/5/10 are cmc at 1, 5, 10, whatever max_rank is.
 
@@ -71,7 +74,7 @@ def evaluate(
     for start in range(0, num_query, rows_per_chunk):
         stop = min(start + rows_per_chunk, num_query)
         chunk_ap, chunk_inp, chunk_first = _score_queries(
-            distmat[start:stop], q_pids[start:stop], g_pids, q_camids[start:stop], g_camids, ap
+            distmat[start:stop], q_pids[start:stop], g_pids, q_camids[start:stop], g_camids, ap, remove_same_camera
         )
         aps.append(chunk_ap)
         inps.append(chunk_inp)
@@ -84,8 +87,8 @@ def evaluate(
     num_valid = int(valid.sum())
     if num_valid == 0:
         raise UdaError(
-            "no query has a match in the gallery from another camera: check that query and gallery "
-            "come from the same dataset and that camera ids were parsed"
+            "no query has a match in the gallery" + (" from another camera" if remove_same_camera else "")
+            + ": check that query and gallery come from the same dataset and that ids (and camera ids) were parsed"
         )
     first_rank = first_rank[valid]
 
@@ -111,6 +114,7 @@ def _score_queries(
     q_camids: torch.Tensor,
     g_camids: torch.Tensor,
     ap: APDefinition,
+    remove_same_camera: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AP, INP and first-match rank of each query of a chunk of B rows; (B,) each, rank 0 = no match.
 
@@ -123,7 +127,7 @@ def _score_queries(
     sorted_keys = _sort_rows(keys)
 
     query, item = (g_pids.unsqueeze(0) == q_pids.unsqueeze(1)).nonzero(as_tuple=True)
-    removed = g_camids[item] == q_camids[query]
+    removed = (g_camids[item] == q_camids[query]) & remove_same_camera
     # Lay the same-id items out as (B, K) rows padded with a key above every real key, then put
     # each row in ranking order.
     per_query = torch.bincount(query, minlength=num_queries)

@@ -1,0 +1,173 @@
+"""Your own data, as source or target: a folder layout or one CSV file.
+
+Folder (`--target /data/mycams`):
+
+    <root>/train/<image>            unlabelled (a target), or
+    <root>/train/<id>/<image>       labelled (a source; a target uses the ids for diagnostics only)
+    <root>/query/<id>/<image>
+    <root>/gallery/<id>/<image>     an id no query has is a distractor
+
+CSV (`--target /data/mycams.csv`): a header naming `split,path` and optionally `pid` and `camid`
+columns, one image per row; split is train, query or gallery; a relative path is relative to the
+CSV's folder; an empty pid is an unlabelled train image.
+
+Ids are any names (folder names or pid cells); they are mapped to integers in sorted order over all
+splits. Cameras are optional: in a folder layout an image name starting `c<N>_` (e.g. `c3_0001.jpg`)
+gives camera N; in a CSV, the camid column. Either every image has a camera or none has. Without
+cameras, evaluation keeps same-camera matches (the Market-1501 protocol removes them) and camera
+normalisation of the clusters is refused.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+
+from uda.datasets.base import ImageRecord, ReIDDataset, relabel_train
+from uda.errors import DatasetError
+
+SPLITS = ("train", "query", "gallery")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+CAMERA_PREFIX = re.compile(r"c(\d+)_")
+NO_CAMERA = -1  # ImageRecord.camid of an image without a camera id (pid -1: an unlabelled train image)
+
+
+def is_custom_dataset(name: str) -> bool:
+    """A dataset named by a path (it holds a separator, or names a CSV file) rather than a known name."""
+    return "/" in name or os.sep in name or name.startswith("~") or name.lower().endswith(".csv")
+
+
+def parse_custom(location: str | Path) -> ReIDDataset:
+    """The dataset at `location`: a CSV file (`*.csv`) or a folder holding train/, query/, gallery/."""
+    path = Path(location).expanduser().absolute()
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise DatasetError(f"dataset list {path} does not exist; give the path of a CSV with columns split,path[,pid,camid]")
+        rows = _csv_rows(path)
+        name = path.stem
+    else:
+        if not path.is_dir():
+            raise DatasetError(
+                f"dataset folder {path} does not exist; a custom dataset folder holds train/, query/ and gallery/ "
+                f"(or name a CSV file ending in .csv)"
+            )
+        rows = _folder_rows(path)
+        name = path.name
+    return _dataset(name, path, rows)
+
+
+# A row: (split, image path, id name or None (unlabelled), camera name or None (no camera)).
+Row = tuple[str, str, "str | None", "str | None"]
+
+
+def _image_names(folder: Path) -> list[str]:
+    return sorted(
+        n for n in os.listdir(folder)
+        if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".") and (folder / n).is_file()
+    )
+
+
+def _camera_of(file_name: str) -> str | None:
+    match = CAMERA_PREFIX.match(file_name)
+    return match.group(1) if match else None
+
+
+def _folder_rows(root: Path) -> list[Row]:
+    rows: list[Row] = []
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            raise DatasetError(
+                f"{root.name}: split folder {folder} is missing; a custom dataset folder holds "
+                f"{', '.join(s + '/' for s in SPLITS)} (images of one identity in one subfolder each; train/ may hold "
+                f"images directly when unlabelled)"
+            )
+        loose = _image_names(folder)
+        id_folders = sorted(d for d in os.listdir(folder) if (folder / d).is_dir() and not d.startswith("."))
+        if loose and (split != "train" or id_folders):
+            raise DatasetError(
+                f"{root.name}: {folder} holds images directly ({loose[0]}, ...)"
+                + (" and identity subfolders; put every image in its identity's subfolder, or (unlabelled) none"
+                   if split == "train" else f"; {split} images go into one subfolder per identity ({split}/<id>/<image>)")
+            )
+        rows += [(split, str(folder / n), None, _camera_of(n)) for n in loose]
+        for pid in id_folders:
+            rows += [(split, str(folder / pid / n), pid, _camera_of(n)) for n in _image_names(folder / pid)]
+    return rows
+
+
+def _csv_rows(path: Path) -> list[Row]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or ()]
+        missing = [c for c in ("split", "path") if c not in columns]
+        if missing:
+            raise DatasetError(
+                f"{path}: the header must name the columns split,path and optionally pid,camid; "
+                f"got {','.join(columns) or 'an empty file'} (missing {', '.join(missing)})"
+            )
+        rows: list[Row] = []
+        for line, raw in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+            split = row["split"]
+            if split not in SPLITS:
+                raise DatasetError(f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+            if not row["path"]:
+                raise DatasetError(f"{path}:{line}: empty path")
+            image = Path(row["path"]).expanduser()
+            image = image if image.is_absolute() else path.parent / image
+            rows.append((split, str(image), row.get("pid") or None, row.get("camid") or None))
+    return rows
+
+
+
+def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
+    for split in SPLITS:
+        if not any(r[0] == split for r in rows):
+            raise DatasetError(f"{name}: the {split} split holds no images ({root}); every split needs at least one")
+    for split in ("query", "gallery"):
+        unlabelled = next((r for r in rows if r[0] == split and r[2] is None), None)
+        if unlabelled:
+            raise DatasetError(f"{name}: {split} image {unlabelled[1]} has no id; evaluation needs the id of every query and gallery image")
+    labelled_train = {r[2] is not None for r in rows if r[0] == "train"}
+    if len(labelled_train) > 1:
+        raise DatasetError(f"{name}: some train images have ids and some do not; label all of them or none")
+    with_camera = {r[3] is not None for r in rows}
+    if len(with_camera) > 1:
+        example = next(r[1] for r in rows if r[3] is None)
+        raise DatasetError(
+            f"{name}: some images have a camera id and some do not (e.g. {example}); give every image one "
+            f"(file names starting c<N>_, or the camid column) or none"
+        )
+    duplicated = _first_duplicate([r[1] for r in rows if r[0] != "train"])
+    if duplicated:
+        raise DatasetError(f"{name}: {duplicated} is listed twice among query and gallery; a query must not be its own match")
+    missing = next((r[1] for r in rows if not os.path.isfile(r[1])), None)
+    if missing:
+        raise DatasetError(f"{name}: image {missing} does not exist")
+
+    id_index = {pid: i for i, pid in enumerate(sorted({r[2] for r in rows if r[2] is not None}, key=_natural))}
+    cam_index = {cam: i for i, cam in enumerate(sorted({r[3] for r in rows if r[3] is not None}, key=_natural))}
+
+    def record(row: Row) -> ImageRecord:
+        pid = -1 if row[2] is None else id_index[row[2]]
+        return ImageRecord(row[1], pid, NO_CAMERA if row[3] is None else cam_index[row[3]], pid)
+
+    splits = {split: [record(r) for r in rows if r[0] == split] for split in SPLITS}
+    train = relabel_train(splits["train"]) if True in labelled_train else splits["train"]
+    return ReIDDataset(name, root, train, splits["query"], splits["gallery"])
+
+
+def _natural(name: str) -> tuple:
+    """'2' before '10'; names that are not numbers after the numbers, alphabetically."""
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def _first_duplicate(items: list[str]) -> str | None:
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
