@@ -74,6 +74,26 @@ def test_missing_source_model_says_which_command_makes_it(synth_root, tmp_path, 
         adapt.main(["--source", "synth_market", "--target", "synth_duke", "--data-root", str(synth_root)])
 
 
+def test_missing_source_model_suggests_a_shipped_pretrain_config_that_fits_and_runs_here(synth_root, tmp_path, monkeypatch):
+    configs = tmp_path / "configs" / "pretrain"
+    configs.mkdir(parents=True)
+    model = "model: {backbone: resnet18_w16, pretrained: %s}\ndata: {height: 64, width: 32}\n"
+    (configs / "synth_market_imagenet.yaml").write_text(model % "imagenet")
+    (configs / "synth_market_other_size.yaml").write_text("model: {backbone: resnet18_w16, pretrained: none}\n")
+    monkeypatch.setattr(adapt, "PRETRAIN_CONFIGS", configs)
+    monkeypatch.setattr(adapt, "imagenet_weights_on_disk", lambda name: False)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--source", "synth_market", "--target", "synth_duke", "--data-root", str(synth_root),
+            "--opts", "model.backbone=resnet18_w16", "data.height=64", "data.width=32"]
+    with pytest.raises(UdaError, match=r"--config configs/pretrain/synth_market_imagenet.yaml --source synth_market "
+                       r"--target synth_duke` \(configs/pretrain/synth_market_imagenet.yaml starts from ImageNet resnet18_w16 "
+                       r"weights this machine does not have"):
+        adapt.main(argv)
+    (configs / "synth_market_scratch.yaml").write_text(model % "none")  # same model, no weights needed: preferred
+    with pytest.raises(UdaError, match=r"--config configs/pretrain/synth_market_scratch.yaml --source synth_market --target synth_duke`, or"):
+        adapt.main(argv)
+
+
 def test_unreadable_source_model_fails_in_one_line(synth_root, tmp_path):
     corrupt = tmp_path / "model_final.pth"
     corrupt.write_bytes(b"truncated")

@@ -76,6 +76,7 @@ def test_csv_without_camera_column(tmp_path):
     (lambda root: touch(root / "train", "c1_x.jpg"), "holds images directly .* and identity subfolders"),
     (lambda root: touch(root / "gallery" / "10", "nocam.jpg"), "some images have a camera id and some do not .*nocam.jpg"),
     (lambda root: shutil.rmtree(root / "query" / "10"), "the query split holds no images"),
+    (lambda root: (root / "gallery" / "10" / "c2_g1.jpg").unlink(), "no query has a gallery image of its id from another camera"),
 ])
 def test_folder_layout_errors_name_the_problem(tmp_path, make, message):
     root = write_folder(tmp_path / "mine")

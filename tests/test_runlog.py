@@ -86,3 +86,20 @@ def test_version_records_what_besides_the_config_decides_the_numbers(tmp_path):
     assert f"threads: {torch.get_num_threads()}\n" in version and f"torch: {torch.__version__}" in version
     for key in ("commit: ", "cpu: ", "gpu: ", "device: ", "deterministic: False"):
         assert key in version, key
+
+
+def test_the_packages_messages_go_to_the_newest_runs_log(tmp_path):
+    """e.g. how many corrupt images data.skip_corrupt dropped, or which ImageNet file was used."""
+    import logging
+
+    first = RunDir(tmp_path / "a", config())
+    logging.getLogger("uda.data.images").warning("skipped 2 corrupt image(s) of 10")
+    second = RunDir(tmp_path / "b", config())  # the first failed without close(): its log gets no more
+    logging.getLogger("uda.models.backbone").info("ImageNet weights from here")
+    second.close()
+    logging.getLogger("uda.data.images").warning("after the run")
+    first_log, second_log = (tmp_path / "a" / "log.txt").read_text(), (tmp_path / "b" / "log.txt").read_text()
+    assert "skipped 2 corrupt image(s) of 10" in first_log and "ImageNet weights" not in first_log
+    assert "ImageNet weights from here" in second_log and "skipped" not in second_log
+    assert "after the run" not in first_log + second_log
+    first.close()

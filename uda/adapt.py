@@ -30,12 +30,13 @@ import torch
 from uda import checkpoint, stage
 from uda.cli import run_main, stage_parser
 from uda.cluster import cluster_centers, pseudo_label_round
-from uda.config import Config, load_config
+from uda.config import Config, flatten, load_config
 from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
 from uda.errors import ConfigError, UdaError
 from uda.evaluation.features import extract_features
 from uda.models import ClassifierHead
+from uda.models.backbone import imagenet_weights_on_disk
 from uda.pretrain import default_output_dir as pretrain_output_dir
 from uda.runlog import FINAL_MODEL, RunDir
 
@@ -57,12 +58,42 @@ DEFAULTS = stage.defaults(
 def default_init(cfg: Config, source_name: str) -> Path:
     """The source model of the matching pretrain run, or a message saying which command makes it."""
     path = pretrain_output_dir(source_name) / FINAL_MODEL
-    if not path.is_file():
-        raise UdaError(
-            f"no source model at {path}; make it with `python uda/pretrain.py --source {cfg.data.source} "
-            f"--target {cfg.data.target}` or pass --init PATH"
-        )
-    return path
+    if path.is_file():
+        return path
+    config, weights_here = matching_pretrain_config(cfg, source_name)
+    settings = flatten(cfg.to_dict())
+    how = f"--config {config} " if config else ""
+    opts = "" if config else " --opts " + " ".join(f"{key}={settings[key]}" for key in stage.MODEL_SETTINGS)
+    note = "" if weights_here else (
+        f" ({config} starts from ImageNet {settings['model.backbone']} weights this machine does not have; the "
+        f"*_mobilenet.yaml configs of configs/uda and configs/pretrain start from ones `make install` provides)"
+    )
+    raise UdaError(
+        f"no source model at {path}; make one this config accepts with `python uda/pretrain.py {how}--source "
+        f"{cfg.data.source} --target {cfg.data.target}{opts}`{note}, or pass --init PATH"
+    )
+
+
+PRETRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+
+
+def matching_pretrain_config(cfg: Config, source_name: str) -> tuple[Path | None, bool]:
+    """(the shipped configs/pretrain/<source>*.yaml whose model and image size are this adapt config's,
+    so it makes a source model adapt accepts; whether its backbone weights are on this machine),
+    preferring a config whose weights are here; (None, True) when none matches."""
+    from uda.pretrain import DEFAULTS as PRETRAIN_DEFAULTS  # the source stage's defaults, as pretrain.py reads them
+
+    wanted = {key: flatten(cfg.to_dict())[key] for key in stage.MODEL_SETTINGS}
+    matches = []
+    for path in sorted(PRETRAIN_CONFIGS.glob(f"{source_name}*.yaml")):
+        candidate = flatten(load_config(PRETRAIN_DEFAULTS, path).to_dict())
+        if all(candidate[key] == value for key, value in wanted.items()):
+            weights_here = candidate["model.pretrained"] != "imagenet" or imagenet_weights_on_disk(candidate["model.backbone"])
+            matches.append((not weights_here, path.relative_to(PRETRAIN_CONFIGS.parents[1])))
+    if not matches:
+        return None, True
+    lacks_weights, path = min(matches)
+    return path, not lacks_weights
 
 
 def memory_features(model: torch.nn.Module, loader, cfg: Config, device: torch.device, desc: str) -> torch.Tensor:

@@ -166,6 +166,7 @@ class RunDir:
             for handler in (logging.FileHandler(self.path / "log.txt"), logging.StreamHandler(sys.stdout)):
                 handler.setFormatter(fmt)
                 self.logger.addHandler(handler)
+        route_library_log(self.logger.handlers)
         from tensorboardX import SummaryWriter  # imported here: only the main process writes events
 
         self.writer = SummaryWriter(str(self.path / "tb"))
@@ -264,9 +265,24 @@ class RunDir:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        route_library_log([])
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
+
+
+LIBRARY_LOG = logging.getLogger("uda")  # the package's own messages: weights used, images skipped, cache sizes
+
+
+def route_library_log(handlers: list[logging.Handler]) -> None:
+    """Send the package's messages (uda.* loggers) to these handlers (the newest run's log.txt and
+    stdout) instead of the previous run's: a process may run several stages, or fail in one."""
+    for handler in [h for h in LIBRARY_LOG.handlers if getattr(h, "uda_run", False)]:
+        LIBRARY_LOG.removeHandler(handler)
+    for handler in handlers:
+        handler.uda_run = True
+        LIBRARY_LOG.addHandler(handler)
+    LIBRARY_LOG.setLevel(logging.INFO)
 
 
 def _age(path: Path, last: Path) -> int | None:

@@ -155,8 +155,24 @@ def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
         return ImageRecord(row[1], pid, NO_CAMERA if row[3] is None else cam_index[row[3]], pid)
 
     splits = {split: [record(r) for r in rows if r[0] == split] for split in SPLITS}
+    if True in with_camera:
+        _check_cross_camera_matches(name, splits["query"], splits["gallery"])
     train = relabel_train(splits["train"]) if True in labelled_train else splits["train"]
     return ReIDDataset(name, root, train, splits["query"], splits["gallery"])
+
+
+def _check_cross_camera_matches(name: str, query: list[ImageRecord], gallery: list[ImageRecord]) -> None:
+    """The Market-1501 protocol scores a query only against its id seen from other cameras: data whose
+    every query lacks one (one camera) would fail at its first evaluation, after training."""
+    cameras_of: dict[int, set[int]] = {}
+    for r in gallery:
+        cameras_of.setdefault(r.pid, set()).add(r.camid)
+    if not any(cameras_of.get(q.pid, set()) - {q.camid} for q in query):
+        raise DatasetError(
+            f"{name}: no query has a gallery image of its id from another camera (one camera?), and the Market-1501 "
+            f"protocol scores only those; drop the camera ids (no c<N>_ name prefix, no camid column) to evaluate "
+            f"with the no-camera protocol, which keeps same-camera matches"
+        )
 
 
 def _natural(name: str) -> tuple:

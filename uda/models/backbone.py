@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from uda.errors import ConfigError
-from uda.models.weights import imagenet_state_dict, load_backbone_weights, read_state_dict
+from uda.models.weights import imagenet_on_disk, imagenet_state_dict, load_backbone_weights, read_state_dict
 
 
 class ResNetBackbone(nn.Module):
@@ -136,6 +136,12 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(_torchvision_mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1),
 }
 BACKBONE_NAMES = tuple(BACKBONES)
+
+
+def imagenet_weights_on_disk(name: str) -> bool:
+    """Whether `model.pretrained: imagenet` for backbone `name` would load here without a download."""
+    spec = BACKBONES.get(name)
+    return spec is not None and spec.imagenet is not None and imagenet_on_disk(name, spec.imagenet)
 
 
 def _set_stride_one(block: nn.Module) -> None:

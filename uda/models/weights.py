@@ -123,6 +123,13 @@ def deep_sort_mobilenet_v2() -> tuple[dict[str, torch.Tensor], str] | None:
 
 
 OFFLINE_IMAGENET = {"mobilenet_v2": deep_sort_mobilenet_v2}  # backbone -> an offline copy, tried before a download
+OFFLINE_IMAGENET_FILES = {"mobilenet_v2": deep_sort_weights_file}  # where that copy lies, without reading it
+
+
+def imagenet_on_disk(name: str, weights: tvm.WeightsEnum) -> bool:
+    """Whether backbone `name`'s ImageNet weights are here without a download (hub cache or offline copy)."""
+    offline = OFFLINE_IMAGENET_FILES.get(name)
+    return torchvision_cache_path(weights).is_file() or (offline is not None and offline() is not None)
 
 
 # ---------------------------------------------------------------- resolution
