@@ -234,7 +234,12 @@ class RunDir:
                 os.link(last, link)
             except OSError:  # a file system without hard links
                 shutil.copyfile(last, link)
-            os.replace(link, previous_checkpoint(last, 1))
+            previous = previous_checkpoint(last, 1)
+            if previous.is_file() and os.path.samefile(link, previous):
+                link.unlink()  # last.1.pth is already this file (a kill came before last.pth was replaced),
+                # and renaming a hard link onto its twin does nothing: the link would be left behind
+            else:
+                os.replace(link, previous)
         atomic_save(state, last)
         for extra in self.checkpoint_files()[self.keep_checkpoints:]:  # keep_checkpoints was lowered
             extra.unlink()
