@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import sys
 from functools import partial
 from pathlib import Path
@@ -26,10 +27,11 @@ if __package__ in (None, ""):  # run as `python uda/adapt.py`: import the packag
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from uda import checkpoint, stage
 from uda.cli import run_main, stage_parser
-from uda.cluster import cluster_centers, pseudo_label_round
+from uda.cluster import CLUSTER_METHODS, cluster_centers, pseudo_label_round
 from uda.config import Config, flatten, load_config
 from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
@@ -45,8 +47,16 @@ DEFAULTS = stage.defaults(
     optim={"warmup_epochs": 0, "milestones": [20, 40], "epochs": 50},
     train={"eval_every": 1},
     loss={"source_weight": 1.0, "target_weight": 1.0},
-    adapt={"init": None, "iters": 400},
+    adapt={
+        "init": None, "iters": 400,
+        "classifier": "separate",  # separate: a source head and a target head | merged: one head over both label sets
+        "head_init": "centers",  # centers: rows start from the class / cluster centres | normal: N(0, 0.001) rows
+        "temperature_schedule": "fixed",  # cosine heads: fixed T | grow: T (1 + ln e) | shrink: T / (1 + ln e), epoch e = 1, 2, ...
+        "renormalize_rows": False,  # True: the heads' rows set to unit norm before every step
+    },
     cluster={
+        "method": "dbscan",  # dbscan (Jaccard distances) | kmeans (MMT-style, cluster.num_clusters given)
+        "num_clusters": 500,  # kmeans only
         "k1": 30, "k2": 6, "eps": 0.6, "min_samples": 4,
         "keep_outliers": False,  # True: each outlier becomes its own singleton class
         "knn_backend": "torch",  # torch (chunked top-k, GPU when there is one) | faiss
@@ -102,42 +112,84 @@ def memory_features(model: torch.nn.Module, loader, cfg: Config, device: torch.d
     return extract_features(model, loader, flip=cfg.eval.flip, normalize=True, amp_dtype=stage.amp_dtype(cfg, device), desc=desc)
 
 
-TARGET_GROUP = "target_head"  # the optimizer's param group of the target head's rows, found by name
+TARGET_GROUP = "target_head"  # the optimizer's param group of the re-created head's rows, found by name
+CLASSIFIERS = ("separate", "merged")
+HEAD_INITS = ("centers", "normal")
+TEMPERATURE_SCHEDULES = ("fixed", "grow", "shrink")
+
+
+def reclustered_head(cfg: Config) -> str:
+    """The head re-created from the clusters each epoch: 'target', or 'merged' (source rows + cluster rows)."""
+    return "merged" if cfg.adapt.classifier == "merged" else "target"
 
 
 def build_optimizer(net: stage.TrainNet, cfg: Config) -> torch.optim.Optimizer:
-    """One optimizer over the model and both heads. The target head's rows are their own param group,
+    """One optimizer over the model and the heads. The re-created head's rows are their own param group,
     named TARGET_GROUP, which `replace_head` re-points each time the clusters change. A name, not a
     position or a reference: load_state_dict replaces the group dicts but keeps their keys."""
-    body = [p for name, p in net.named_parameters() if not name.startswith("heads.target.")]
+    head = reclustered_head(cfg)
+    body = [p for name, p in net.named_parameters() if not name.startswith(f"heads.{head}.")]
     return stage.build_optimizer(
-        [{"params": body, "name": "body"}, {"params": [net.heads["target"].weight], "name": TARGET_GROUP}], cfg
+        [{"params": body, "name": "body"}, {"params": [net.heads[head].weight], "name": TARGET_GROUP}], cfg
     )
 
 
-def replace_head(head: ClassifierHead, optimizer: torch.optim.Optimizer, centers: torch.Tensor) -> None:
-    """Re-create `head` with one row per centre and point the optimizer's TARGET_GROUP at the new rows
-    (the old rows' Adam moments are dropped: they belonged to clusters that no longer exist)."""
+def replace_head(head: ClassifierHead, optimizer: torch.optim.Optimizer, rows: torch.Tensor) -> None:
+    """Re-create `head` with these rows and point the optimizer's TARGET_GROUP at them (the old rows'
+    Adam moments are dropped: they belonged to clusters that no longer exist)."""
     [group] = [g for g in optimizer.param_groups if g.get("name") == TARGET_GROUP]
     optimizer.state.pop(head.weight, None)
-    head.reset_classifier(centers.shape[0], centers)
+    head.reset_classifier(rows.shape[0], rows)
     group["params"] = [head.weight]
 
 
-def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+def initial_rows(centers: torch.Tensor, cfg: Config, epoch: int) -> torch.Tensor:
+    """A head's starting rows: the (normalised) centres themselves, or under adapt.head_init=normal the
+    strong baseline's N(0, 0.001) draw of the same shape (seeded by the run's seed and the epoch, so a
+    resumed run draws the same rows)."""
+    if cfg.adapt.head_init == "centers":
+        return centers
+    generator = torch.Generator().manual_seed(stage.stream_seed(cfg.seed, 1000 + epoch))
+    return (0.001 * torch.randn(centers.shape, generator=generator)).to(centers.device, centers.dtype)
+
+
+def temperature_at(base: float, schedule: str, epoch: int) -> float:
+    """The cosine heads' temperature in (1-based) epoch `epoch`: the source documents' schedules."""
+    if schedule == "grow":
+        return base * (1 + math.log(epoch))
+    if schedule == "shrink":
+        return base / (1 + math.log(epoch))
+    return base
+
+
+@torch.no_grad()
+def renormalize_rows(heads: torch.nn.ModuleDict) -> None:
+    """Every head's rows set to unit norm (adapt.renormalize_rows: before every step)."""
+    for head in heads.values():
+        head.weight.copy_(F.normalize(head.weight, dim=1))
+
+
+def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device, num_source_classes: int = 0) -> dict[str, torch.Tensor]:
     """One step's losses: a source P x K batch and a target (pseudo-labelled) P x K batch through one
-    forward, each branch's CE + triplet on its own head, weighted by loss.{source,target}_weight."""
+    forward, each branch's CE + triplet, weighted by loss.{source,target}_weight. Each branch has its
+    own head (adapt.classifier=separate), or both share the merged head, whose first
+    `num_source_classes` rows are the source ids and the rest the clusters (merged)."""
     (source_images, source_pids, *_), (target_images, target_pids, *_) = batch
     n = source_images.shape[0]
     images = torch.cat([source_images, target_images]).to(device, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    branches = {"source": (slice(0, n), source_pids.to(device)), "target": (slice(n, None), target_pids.to(device))}
-    out, logits = train_net(images, branches)
+    source_pids, target_pids = source_pids.to(device), target_pids.to(device)
+    if cfg.adapt.classifier == "merged":
+        target_pids = target_pids + num_source_classes
+        out, logits = train_net(images, {"merged": (slice(None), torch.cat([source_pids, target_pids]))})
+        branch_logits = {"source": logits["merged"][:n], "target": logits["merged"][n:]}
+    else:
+        out, branch_logits = train_net(images, {"source": (slice(0, n), source_pids), "target": (slice(n, None), target_pids)})
     losses = {}
-    for name, (rows, pids) in branches.items():
+    for name, rows, pids in (("source", slice(0, n), source_pids), ("target", slice(n, None), target_pids)):
         weight = cfg.loss[f"{name}_weight"]
-        branch = stage.reid_losses(out["global"][rows], logits[name], pids, cfg, prefix=f"{name}_")
+        branch = stage.reid_losses(out["global"][rows], branch_logits[name], pids, cfg, prefix=f"{name}_")
         losses.update({key: weight * value for key, value in branch.items()})
     return losses
 
@@ -149,6 +201,17 @@ def check_adapt_settings(cfg: Config) -> None:
             f"model.pretrained={cfg.model.pretrained!r} does not apply to adapt: its weights come from the source "
             "model (--init); give backbone weights to pretrain.py instead"
         )
+    for key, choices in (("adapt.classifier", CLASSIFIERS), ("adapt.head_init", HEAD_INITS),
+                         ("adapt.temperature_schedule", TEMPERATURE_SCHEDULES), ("cluster.method", CLUSTER_METHODS)):
+        section, name = key.split(".")
+        if cfg[section][name] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {cfg[section][name]!r}")
+    if cfg.adapt.temperature_schedule != "fixed" and cfg.model.head != "cosine":
+        raise ConfigError(f"adapt.temperature_schedule={cfg.adapt.temperature_schedule} schedules the cosine head's "
+                          f"temperature; model.head={cfg.model.head} has none (use model.head=cosine)")
+    if cfg.cluster.method == "kmeans" and cfg.cluster.num_clusters < cfg.data.num_pids:
+        raise ConfigError(f"cluster.num_clusters={cfg.cluster.num_clusters} must be at least data.num_pids={cfg.data.num_pids} "
+                          "(the identities of one P x K batch)")
     if cfg.cluster.knn_backend == "faiss" and importlib.util.find_spec("faiss") is None:
         raise ConfigError("cluster.knn_backend=faiss needs faiss (pip install -e '.[gpu]', or faiss-cpu); "
                           "or use cluster.knn_backend=torch")
@@ -198,19 +261,21 @@ def main(argv: list[str] | None = None) -> dict:
     test_sets = [stage.make_test_set(target, cfg, device)]
 
     num_source_classes = len({r.pid for r in source_train})
-    heads = {
-        "source": stage.build_classifier(cfg, model.feature_dim, num_source_classes),
-        "target": stage.build_classifier(cfg, model.feature_dim, 1),  # re-created from clusters each epoch
-    }
+    reclustered = reclustered_head(cfg)
+    if reclustered == "merged":  # one head: the source ids' rows, then each epoch's cluster rows
+        heads = {"merged": stage.build_classifier(cfg, model.feature_dim, num_source_classes)}
+    else:  # the target head is re-created from the clusters each epoch
+        heads = {name: stage.build_classifier(cfg, model.feature_dim, rows) for name, rows in (("source", num_source_classes), ("target", 1))}
+    source_head = heads["merged" if reclustered == "merged" else "source"]
     net = stage.TrainNet(model, heads).to(device)
     resumed = run.load_checkpoint() if args.resume else None
-    if resumed is None:  # the source head starts from the source class centres under the source model
+    if resumed is None:  # the source rows start from the source class centres under the source model
         loader = stage.make_plain_loader(source_train, cfg, source_images)
         source_ids = torch.tensor([r.pid for r in source_train])
         centers = cluster_centers(memory_features(net.model, loader, cfg, device, "source memory"), source_ids)
-        net.heads["source"].reset_classifier(num_source_classes, centers.to(device))
+        source_head.reset_classifier(num_source_classes, initial_rows(centers.to(device), cfg, epoch=0))
     else:
-        net.heads["target"].reset_classifier(resumed[checkpoint.NUM_CLUSTERS])
+        net.heads[reclustered].reset_classifier(resumed[checkpoint.NUM_CLUSTERS])
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     net = convert_sync_bn(net, dist, cfg.train.sync_bn)
@@ -231,7 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def train_epoch(epoch: int) -> dict:
         features = memory_features(net.model, target_memory_loader, cfg, device, f"target memory {epoch + 1}")
-        clusters = pseudo_label_round(features, target_camids, device=device, true_ids=target_true_ids, dist=dist, **cfg.cluster)
+        clusters = pseudo_label_round(
+            features, target_camids, device=device, true_ids=target_true_ids, dist=dist, seed=cfg.seed + epoch, **cfg.cluster
+        )
         stats = clusters.stats
         agreement = (
             f", NMI {stats['nmi']:.3f} ARI {stats['ari']:.3f} pairwise P/R {stats['pairwise_precision']:.3f}/"
@@ -243,26 +310,40 @@ def main(argv: list[str] | None = None) -> dict:
                 f"epoch {epoch + 1}: {stats['num_clusters']} target clusters, fewer than the {cfg.data.num_pids} "
                 "identities of a P x K batch; train the source model longer, or adjust cluster.eps / data.num_pids"
             )
-        replace_head(net.heads["target"], optimizer, clusters.centers.to(device))
+        rows = initial_rows(clusters.centers.to(device), cfg, epoch + 1)
+        if reclustered == "merged":  # the source rows go on as trained; the cluster rows are new
+            rows = torch.cat([net.heads["merged"].weight.detach()[:num_source_classes], rows])
+        replace_head(net.heads[reclustered], optimizer, rows)
+        temperature = temperature_at(cfg.model.temperature, cfg.adapt.temperature_schedule, epoch + 1)
+        for head in net.heads.values():
+            if hasattr(head, "temperature"):
+                head.temperature = temperature
         train_net = wrap_model(net, dist)  # DDP registers parameters once: wrap again around the new head
         pseudo = [dataclasses.replace(r, pid=int(label)) for r, label in zip(target_train, clusters.labels) if label >= 0]
         target_loader = stage.make_train_loader(
             pseudo, cfg, target_images, rank=dist.rank, world_size=dist.world_size, num_iterations=iters, stream=1,
         )
+        losses_of = partial(joint_losses, train_net, cfg=cfg, device=device, num_source_classes=num_source_classes)
+
+        def step_losses(batch):
+            if cfg.adapt.renormalize_rows:
+                renormalize_rows(net.heads)
+            return losses_of(batch)
+
         lr = schedule.lr(epoch)
         set_lr(optimizer, lr)
         source_loader.sampler.set_epoch(epoch)
         target_loader.sampler.set_epoch(epoch)
         losses = train_steps(
-            zip(source_loader, target_loader), partial(joint_losses, train_net, cfg=cfg, device=device), [optimizer],
+            zip(source_loader, target_loader), step_losses, [optimizer],
             num_steps=iters, device=device, amp_dtype=amp, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
         )
-        return {"train": {**losses, "lr": lr}, "clusters": stats}
+        return {"train": {**losses, "lr": lr, **({"temperature": temperature} if cfg.adapt.temperature_schedule != "fixed" else {})}, "clusters": stats}
 
     def checkpoint_state(epoch: int) -> dict:
         return {
             checkpoint.EPOCH: epoch, checkpoint.NET: net.state_dict(), checkpoint.OPTIMIZER: optimizer.state_dict(),
-            checkpoint.NUM_CLUSTERS: net.heads["target"].num_classes, checkpoint.CONFIG: cfg.to_dict(),
+            checkpoint.NUM_CLUSTERS: net.heads[reclustered].num_classes, checkpoint.CONFIG: cfg.to_dict(),
         }
 
     metrics = fit(

@@ -23,7 +23,7 @@ NET = "net"  # last.pth: the ReIDModel and its classifier heads (stage.TrainNet)
 CONFIG = "config"  # the resolved config of the run that wrote the file
 EPOCH = "epoch"  # last.pth: epochs finished
 OPTIMIZER = "optimizer"
-NUM_CLUSTERS = "num_clusters"  # adapt's last.pth: the target head's rows at that epoch
+NUM_CLUSTERS = "num_clusters"  # adapt's last.pth: the rows of the head re-created from the clusters (target, or merged) at that epoch
 
 
 def read(path: str | Path, what: str = "model", *, advice: str = "") -> dict[str, Any]:

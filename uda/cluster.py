@@ -13,7 +13,7 @@ import scipy.sparse
 import torch
 import torch.distributed
 import torch.nn.functional as F
-from sklearn.cluster import DBSCAN
+from sklearn.cluster import DBSCAN, KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 from torch import Tensor
@@ -266,6 +266,20 @@ class PseudoLabels:
     stats: dict[str, int | float]
 
 
+CLUSTER_METHODS = ("dbscan", "kmeans")
+
+
+def kmeans_labels(features: Tensor, num_clusters: int, seed: int = 0) -> np.ndarray:
+    """(N,) labels 0..num_clusters-1 from k-means on L2-normalised features (MMT's pseudo-labels: a
+    cluster count given in advance, every point labelled, no outliers). sklearn's Lloyd k-means, one
+    k-means++ start, seeded: the same features give the same labels."""
+    features = _checked_features(features)
+    if not 2 <= num_clusters <= features.shape[0]:
+        raise ClusteringError(f"k-means needs 2 <= cluster.num_clusters <= {features.shape[0]} (the points), got {num_clusters}")
+    points = F.normalize(features.float(), dim=1).cpu().numpy()
+    return KMeans(num_clusters, n_init=1, random_state=seed).fit_predict(points).astype(np.int64)
+
+
 def pseudo_label_round(
     features: Tensor,
     camids: Tensor,
@@ -277,11 +291,16 @@ def pseudo_label_round(
     keep_outliers: bool = False,
     knn_backend: str = "torch",
     camera_normalize: bool = False,
+    method: str = "dbscan",
+    num_clusters: int = 500,
+    seed: int = 0,
     device: torch.device | None = None,
     true_ids: np.ndarray | None = None,
     dist: DistInfo = DistInfo(),
 ) -> PseudoLabels:
-    """The target memory (N, D) -> [camera means removed] -> Jaccard -> DBSCAN -> labels, centres, stats.
+    """The target memory (N, D) -> [camera means removed] -> Jaccard -> DBSCAN -> labels, centres, stats
+    (method="kmeans": k-means with `num_clusters` on the [camera-normalised] features instead of
+    Jaccard + DBSCAN; k1, k2, eps, min_samples unused).
 
     The keyword settings are adapt's `cluster.*` keys. Under torchrun the main process clusters and
     broadcasts the labels, so every GPU trains on the same clusters; a clustering error travels the same
@@ -289,12 +308,17 @@ def pseudo_label_round(
     come. Centres are taken from the features themselves (camera normalisation only guides the
     grouping). `true_ids` feed the diagnostic statistics only (NMI, ARI, pairwise P/R), never the labels.
     """
+    if method not in CLUSTER_METHODS:
+        raise ClusteringError(f"cluster.method must be one of {', '.join(CLUSTER_METHODS)}, got {method!r}")
     labels: list = [None]
     if dist.is_main:
         try:
             grouped = remove_camera_means(features, camids) if camera_normalize else features
-            distances = jaccard_distance(grouped, k1=k1, k2=k2, device=device, knn_backend=knn_backend, max_distance=eps)
-            labels[0] = pseudo_labels(distances, eps=eps, min_samples=min_samples, keep_outliers=keep_outliers)
+            if method == "kmeans":
+                labels[0] = kmeans_labels(grouped, num_clusters, seed)
+            else:
+                distances = jaccard_distance(grouped, k1=k1, k2=k2, device=device, knn_backend=knn_backend, max_distance=eps)
+                labels[0] = pseudo_labels(distances, eps=eps, min_samples=min_samples, keep_outliers=keep_outliers)
         except UdaError as exc:
             labels[0] = exc
     if dist.enabled:
