@@ -1,0 +1,136 @@
+"""uda.grid: the grid file, the plan (shared source models), skip-if-done and resume, the table's
+mean +- std from known runs, and the plots."""
+import json
+
+import pytest
+
+from uda import grid as gridlib
+from uda.errors import ConfigError
+from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT
+
+GRID = """
+name: toy
+source: synth_market
+target: synth_duke
+pretrain_config: configs/pretrain/synth_market.yaml
+adapt_config: configs/uda/synth_market2synth_duke.yaml
+opts: [data.synth_preset=tiny]
+variants:
+  base: {documents: "82.8"}
+  T=1.0: {opts: [model.temperature=1.0], documents: "31.7"}
+  no_erasing: {pretrain_opts: [data.erasing_p=0]}
+"""
+
+
+@pytest.fixture
+def grid_file(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text(GRID)
+    return path
+
+
+def test_plan_shares_a_source_model_between_variants_with_the_same_pretrain_opts(grid_file, tmp_path):
+    grid = gridlib.load_grid(grid_file)
+    runs = gridlib.plan(grid, [0, 1], tmp_path / "runs")
+    stages = [(r.stage, r.folder.relative_to(tmp_path / "runs").as_posix()) for r in runs]
+    key = gridlib.source_key(grid.variants[2])
+    assert stages == [
+        ("pretrain", "toy/source/default/seed0"), ("adapt", "toy/base/seed0"),
+        ("pretrain", "toy/source/default/seed1"), ("adapt", "toy/base/seed1"),
+        ("adapt", "toy/T=1.0/seed0"), ("adapt", "toy/T=1.0/seed1"),
+        ("pretrain", f"toy/source/{key}/seed0"), ("adapt", "toy/no_erasing/seed0"),
+        ("pretrain", f"toy/source/{key}/seed1"), ("adapt", "toy/no_erasing/seed1"),
+    ]
+    t1 = runs[4].argv
+    assert t1[-3:] == ["data.synth_preset=tiny", "model.temperature=1.0", "seed=0"]
+    assert t1[t1.index("--init") + 1].endswith("toy/source/default/seed0/model_final.pth")
+    assert runs[6].argv[-2:] == ["data.erasing_p=0", "seed=0"]
+
+
+def test_finished_runs_are_skipped_and_cut_ones_resumed(grid_file, tmp_path):
+    grid = gridlib.load_grid(grid_file)
+    grid.variants = grid.variants[:1]
+    runs_dir = tmp_path / "runs"
+    done, cut = (runs_dir / "toy" / "source" / "default" / "seed0"), (runs_dir / "toy" / "base" / "seed0")
+    done.mkdir(parents=True)
+    (done / FINAL_MODEL).write_bytes(b"")  # a finished source model: skipped
+    cut.mkdir(parents=True)
+    (cut / LAST_CHECKPOINT).write_bytes(b"")  # an adaptation cut after a checkpoint: resumed
+    ran, lines = [], []
+    gridlib.run_grid(grid, [0], runs_dir, progress=lines.append, runner=lambda run, progress: ran.append((run.stage, run.started)))
+    assert ran == [("adapt", True)]
+    assert lines[0] == "grid toy: 2 runs, 1 done, 1 to run" and lines[1] == "[1/1] adapt base seed 0 (resumed)"
+
+
+def write_run(folder, direct, adapted_by_epoch, clusters=None):
+    folder.mkdir(parents=True)
+    (folder / FINAL_MODEL).write_bytes(b"")
+    records = [{"epoch": 0, "synth_duke": dict(zip(gridlib.METRICS + ("mINP",), (direct, 0.1, 0.2, 0.3, 0.0)))}]
+    for epoch, value in adapted_by_epoch.items():
+        records.append({"epoch": epoch, "synth_duke": dict(zip(gridlib.METRICS + ("mINP",), (value, value, value, value, 0.0))),
+                        "clusters": {"num_clusters": clusters or epoch * 10, "outlier_fraction": 0.1, "nmi": 0.5}})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
+    grid = gridlib.load_grid(grid_file)
+    runs_dir = tmp_path / "runs"
+    write_run(runs_dir / "toy" / "base" / "seed0", 0.20, {1: 0.30, 2: 0.40})
+    write_run(runs_dir / "toy" / "base" / "seed1", 0.22, {1: 0.10, 2: 0.50})
+    write_run(runs_dir / "toy" / "T=1.0" / "seed0", 0.20, {2: 0.25})
+    rows = gridlib.summarise(grid, [0, 1], runs_dir)
+    assert rows[0]["seeds"] == 2 and rows[0]["mAP"] == pytest.approx((0.45, 0.0707107), abs=1e-6)  # last epoch: 0.40, 0.50
+    assert rows[0]["direct"] == pytest.approx((0.21, 0.0141421), abs=1e-6)
+    assert rows[1]["seeds"] == 1 and rows[1]["mAP"] == (0.25, 0.0)  # one seed: no spread
+    assert rows[2] == {"name": "no_erasing", "documents": "", "seeds": 0}
+    table = gridlib.markdown(grid, rows, "Machine: test.")
+    assert "| base | 2 | 21.0 +- 1.4 | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 82.8 |" in table
+    assert "| no_erasing | 0 | - | - | - | - | - | - |" in table and "Machine: test." in table
+    curves = gridlib.curves(grid, [0, 1], runs_dir)
+    assert curves["base"]["mAP"] == pytest.approx({0: 0.21, 1: 0.20, 2: 0.45})
+    assert curves["base"]["clusters"] == {1: 10.0, 2: 20.0}
+    pictures = gridlib.plot(curves, tmp_path, "toy")
+    assert [p.name for p in pictures] == ["toy_map.png", "toy_clusters.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
+
+
+@pytest.mark.parametrize("text, message", [
+    (GRID.replace("opts: [data.synth_preset=tiny]", "opt: []"), r"unknown keys \['opt'\]"),
+    (GRID.replace("target: synth_duke\n", ""), r"missing keys \['target'\]"),
+    (GRID.replace('documents: "31.7"', 'paper: "31.7"'), r"variant 'T=1.0' has unknown keys \['paper'\]"),
+    (GRID.replace("no_erasing:", "no erasing:"), "must be letters, digits"),
+    (GRID.replace("configs/uda/synth_market2synth_duke.yaml", "configs/uda/none.yaml"), "adapt_config configs/uda/none.yaml does not exist"),
+])
+def test_grid_file_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        gridlib.load_grid(path)
+
+
+def test_a_given_source_model_is_adapted_from_by_every_seed_without_pretraining(grid_file, tmp_path):
+    grid_file.write_text(GRID.replace("opts: [data.synth_preset=tiny]", "opts: [data.synth_preset=tiny]\nsource_model: /m/model_final.pth")
+                         .replace("  no_erasing: {pretrain_opts: [data.erasing_p=0]}\n", ""))
+    runs = gridlib.plan(gridlib.load_grid(grid_file), [0, 1], tmp_path)
+    assert [r.stage for r in runs] == ["adapt"] * 4
+    assert all(r.argv[r.argv.index("--init") + 1] == "/m/model_final.pth" for r in runs)
+    grid_file.write_text(GRID.replace("opts: [data.synth_preset=tiny]", "opts: [data.synth_preset=tiny]\nsource_model: /m/model_final.pth"))
+    with pytest.raises(ConfigError, match="needs its own source model"):
+        gridlib.load_grid(grid_file)
+
+
+@pytest.mark.parametrize("path", sorted((gridlib.REPO / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_grid_variant_passes_both_stages_config_checks(path):
+    """A typo in a grid file's opts would otherwise surface hours into the grid."""
+    from uda import adapt, pretrain, stage
+    from uda.config import load_config
+
+    grid = gridlib.load_grid(path)
+    for variant in grid.variants:
+        source_cfg = load_config(pretrain.DEFAULTS, gridlib.REPO / grid.pretrain_config, grid.opts + grid.pretrain_opts + variant.pretrain_opts)
+        stage.check_settings(source_cfg)
+        cfg = load_config(adapt.DEFAULTS, gridlib.REPO / grid.adapt_config, grid.opts + variant.opts)
+        stage.check_settings(cfg)
+        adapt.check_adapt_settings(cfg)
+        if not grid.source_model:  # the source model each variant's adaptation will load must fit it
+            stage.check_model_settings(cfg, {"config": source_cfg.to_dict()}, f"{variant.name}'s source model")

@@ -1,0 +1,322 @@
+"""An ablation grid: every variant x seed of an experiment, run (or skipped when done, resumed when cut),
+then summarised as mean +- std of the last epoch next to the source documents' figure for each row.
+
+    python scripts/run_grid.py configs/ablations/<grid>.yaml --seeds 3 [--runs-dir runs/grid] [--only NAME ...]
+
+A grid file:
+
+    name: temperature
+    source: synth_market               # the stages' --source / --target
+    target: synth_duke
+    pretrain_config: configs/pretrain/synth_market.yaml
+    adapt_config: configs/uda/synth_market2synth_duke.yaml
+    opts: [data.synth_preset=small]    # --opts of both stages, every variant
+    source_model: PATH                 # optional: every seed adapts from this model (no pretraining;
+                                       # the seed then varies the adaptation only)
+    variants:                          # in table order; opts / pretrain_opts add to the shared ones
+      T=0.1: {opts: [model.temperature=0.1], documents: "82.8 mAP (the documents' best)"}
+      T=1.0: {opts: [model.temperature=1.0], documents: "31.7 mAP"}
+
+Each seed has one source model per distinct `pretrain_opts` (shared by the variants that agree on them),
+under <runs-dir>/<name>/source/<key>/seed<s>; each variant's adaptation under <runs-dir>/<name>/<variant>/seed<s>.
+Every stage runs in its own process (`python uda/<stage>.py`), as a user would run it.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from uda.errors import ConfigError
+from uda.report import collect
+from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+GRID_KEYS = {"name", "source", "target", "pretrain_config", "adapt_config", "opts", "pretrain_opts", "variants", "description",
+             "source_model"}
+VARIANT_KEYS = {"opts", "pretrain_opts", "documents"}
+METRICS = ("mAP", "rank1", "rank5", "rank10")
+
+
+@dataclass
+class Variant:
+    name: str
+    opts: list[str] = field(default_factory=list)  # adapt --opts beyond the grid's
+    pretrain_opts: list[str] = field(default_factory=list)  # pretrain --opts beyond the grid's (its own source model)
+    documents: str = ""  # the source documents' figure for this row, as text
+
+
+@dataclass
+class Grid:
+    name: str
+    source: str
+    target: str
+    pretrain_config: str
+    adapt_config: str
+    opts: list[str]
+    pretrain_opts: list[str]
+    variants: list[Variant]
+    description: str = ""
+    source_model: str | None = None
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse and check a grid file (unknown keys and missing ones named, with the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} does not exist; see configs/ablations/")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - GRID_KEYS
+    missing = {"name", "source", "target", "pretrain_config", "adapt_config", "variants"} - set(data)
+    if unknown or missing:
+        raise ConfigError(f"{path}: " + "; ".join(
+            ([f"unknown keys {sorted(unknown)} (known: {sorted(GRID_KEYS)})"] if unknown else [])
+            + ([f"missing keys {sorted(missing)}"] if missing else [])))
+    if not isinstance(data["variants"], dict) or not data["variants"]:
+        raise ConfigError(f"{path}: variants must be a mapping of name -> {{opts, pretrain_opts, documents}}")
+    variants = []
+    for name, spec in data["variants"].items():
+        spec = spec or {}
+        if set(spec) - VARIANT_KEYS:
+            raise ConfigError(f"{path}: variant {name!r} has unknown keys {sorted(set(spec) - VARIANT_KEYS)} (known: {sorted(VARIANT_KEYS)})")
+        if not re.fullmatch(r"[\w.=+-]+", str(name)):
+            raise ConfigError(f"{path}: variant name {name!r} must be letters, digits and . = + - _ (it names a folder)")
+        variants.append(Variant(str(name), list(spec.get("opts", [])), list(spec.get("pretrain_opts", [])), str(spec.get("documents", ""))))
+    for key in ("pretrain_config", "adapt_config"):
+        if not (REPO / data[key]).is_file() and not Path(data[key]).is_file():
+            raise ConfigError(f"{path}: {key} {data[key]} does not exist")
+    if data.get("source_model") and any(v.pretrain_opts for v in variants):
+        raise ConfigError(f"{path}: a variant with pretrain_opts needs its own source model; remove source_model or those pretrain_opts")
+    return Grid(data["name"], data["source"], data["target"], data["pretrain_config"], data["adapt_config"],
+                list(data.get("opts", [])), list(data.get("pretrain_opts", [])), variants, str(data.get("description", "")),
+                data.get("source_model"))
+
+
+def source_key(variant: Variant) -> str:
+    """The folder name of a variant's source model: variants with the same pretrain_opts share one."""
+    if not variant.pretrain_opts:
+        return "default"
+    return hashlib.sha1(" ".join(sorted(variant.pretrain_opts)).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Run:
+    """One stage of one seed: what to run and where its folder is."""
+
+    stage: str  # pretrain | adapt
+    folder: Path
+    argv: list[str]
+    label: str  # for progress lines: "<variant> seed <s>"
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / FINAL_MODEL).is_file()
+
+    @property
+    def started(self) -> bool:
+        return (self.folder / LAST_CHECKPOINT).is_file()
+
+
+def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
+    """Every stage to run, in order: each source model before the adaptations that start from it."""
+    runs: list[Run] = []
+    planned: set[Path] = set()
+    for variant in grid.variants:
+        for seed in seeds:
+            source_dir = runs_dir / grid.name / "source" / source_key(variant) / f"seed{seed}"
+            init = Path(grid.source_model) if grid.source_model else source_dir / FINAL_MODEL
+            if not grid.source_model and source_dir not in planned:
+                planned.add(source_dir)
+                runs.append(Run("pretrain", source_dir, [
+                    "--config", grid.pretrain_config, "--source", grid.source, "--target", grid.target,
+                    "--output-dir", str(source_dir), "--opts", *grid.opts, *grid.pretrain_opts, *variant.pretrain_opts, f"seed={seed}",
+                ], f"source {source_key(variant)} seed {seed}"))
+            adapt_dir = runs_dir / grid.name / variant.name / f"seed{seed}"
+            runs.append(Run("adapt", adapt_dir, [
+                "--config", grid.adapt_config, "--source", grid.source, "--target", grid.target,
+                "--init", str(init), "--output-dir", str(adapt_dir),
+                "--opts", *grid.opts, *variant.opts, f"seed={seed}",
+            ], f"{variant.name} seed {seed}"))
+    return runs
+
+
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) ")
+
+
+def run_stage(run: Run, progress: Callable[[str], None]) -> None:
+    """Run one stage in its own process (resuming a cut one), relaying a progress line per epoch."""
+    argv = [sys.executable, str(REPO / "uda" / f"{run.stage}.py"), *run.argv] + (["--resume"] if run.started else [])
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in process.stdout:
+        tail = (tail + [line])[-20:]
+        match = EPOCH_LINE.search(line)
+        if match:
+            epoch, epochs = int(match.group(1)), int(match.group(2))
+            eta = (time.perf_counter() - start) / epoch * (epochs - epoch)
+            progress(f"{run.stage} {run.label}: epoch {epoch}/{epochs}, this run ETA {eta / 60:.1f} min")
+    if process.wait() != 0:
+        raise ConfigError(f"{run.stage} of {run.label} failed (exit {process.returncode}); its last lines:\n" + "".join(tail[-8:]))
+
+
+def run_grid(grid: Grid, seeds: list[int], runs_dir: Path, progress: Callable[[str], None] = print,
+             runner: Callable[[Run, Callable[[str], None]], None] = run_stage) -> list[Run]:
+    """Run every stage not yet done (skipped when its model_final.pth exists, resumed when it has a
+    last.pth), with a progress line per run and an ETA for the grid from the runs' mean time so far."""
+    runs = plan(grid, seeds, runs_dir)
+    todo = [r for r in runs if not r.done]
+    progress(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run")
+    times: list[float] = []
+    for index, run in enumerate(todo, start=1):
+        eta = f", grid ETA {np.mean(times) * (len(todo) - index + 1) / 60:.0f} min" if times else ""
+        progress(f"[{index}/{len(todo)}] {run.stage} {run.label}{' (resumed)' if run.started else ''}{eta}")
+        start = time.perf_counter()
+        runner(run, progress)
+        times.append(time.perf_counter() - start)
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
+    """One row per variant: the last epoch's target metrics (and direct transfer) over the seeds whose
+    adaptation finished, as {name, documents, seeds, direct: (mean, std), <metric>: (mean, std)}."""
+    rows = []
+    for variant in grid.variants:
+        results = [collect(runs_dir / grid.name / variant.name / f"seed{s}", grid.target) for s in seeds
+                   if (runs_dir / grid.name / variant.name / f"seed{s}" / FINAL_MODEL).is_file()]
+        row = {"name": variant.name, "documents": variant.documents, "seeds": len(results)}
+        if results:
+            row["direct"] = mean_std([r["direct"]["mAP"] for r in results])
+            row.update({metric: mean_std([r["adapted"][metric] for r in results]) for metric in METRICS})
+        rows.append(row)
+    return rows
+
+
+def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
+    """The grid's table: mean +- std (in %) of the last epoch per variant, beside the documents' figure."""
+    def cell(value: tuple[float, float] | None) -> str:
+        return "-" if value is None else f"{100 * value[0]:.1f} +- {100 * value[1]:.1f}"
+
+    lines = [f"# Grid {grid.name}", ""]
+    if grid.description:
+        lines += [grid.description, ""]
+    lines += [f"{grid.source} -> {grid.target}; target test set, last epoch; mean +- sample std over seeds."
+              + (f" {machine}" if machine else ""), "",
+              "| variant | seeds | direct mAP | mAP | rank-1 | rank-5 | rank-10 | source documents |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('direct'))} | "
+                     + " | ".join(cell(row.get(m)) for m in METRICS) + f" | {row['documents'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def curves(grid: Grid, seeds: list[int], runs_dir: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """Per variant, the seeds' mean per epoch of: target mAP (evaluated epochs), cluster count and NMI."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for variant in grid.variants:
+        series: dict[str, dict[int, list[float]]] = {"mAP": {}, "clusters": {}, "nmi": {}}
+        for seed in seeds:
+            path = runs_dir / grid.name / variant.name / f"seed{seed}" / "metrics.jsonl"
+            for record in read_metrics(path) if path.is_file() else []:
+                epoch = record["epoch"]
+                if grid.target in record:
+                    series["mAP"].setdefault(epoch, []).append(record[grid.target]["mAP"])
+                if "clusters" in record:
+                    series["clusters"].setdefault(epoch, []).append(record["clusters"]["num_clusters"])
+                    if "nmi" in record["clusters"]:
+                        series["nmi"].setdefault(epoch, []).append(record["clusters"]["nmi"])
+        out[variant.name] = {key: {e: float(np.mean(v)) for e, v in sorted(s.items())} for key, s in series.items()}
+    return out
+
+
+def plot(curves_by_variant: dict, out_dir: Path, name: str) -> list[Path]:
+    """<name>_map.png (target mAP per epoch) and <name>_clusters.png (cluster count and NMI per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    paths = []
+    panels = [("map", [("mAP", "target mAP")]), ("clusters", [("clusters", "clusters"), ("nmi", "NMI vs true ids (diagnostic)")])]
+    for suffix, keys in panels:
+        fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+        for axis, (key, title) in zip(axes[0], keys):
+            for variant, series in curves_by_variant.items():
+                points = series[key]
+                if points:
+                    axis.plot(list(points), list(points.values()), marker="o", label=variant)
+            axis.set_xlabel("epoch")
+            axis.set_title(title)
+            axis.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{name}_{suffix}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def machines(grid: Grid, seeds: list[int], runs_dir: Path) -> str:
+    """Where the adaptations ran, from their version.txt: CPU, GPU, threads, commit (each distinct one)."""
+    seen = []
+    for variant in grid.variants:
+        for seed in seeds:
+            path = runs_dir / grid.name / variant.name / f"seed{seed}" / "version.txt"
+            if path.is_file():
+                fields = dict(line.split(": ", 1) for line in path.read_text().splitlines() if ": " in line)
+                line = (f"{fields.get('cpu', '?')}, gpu {fields.get('gpu', '?')}, {fields.get('threads', '?')} threads, "
+                        f"commit {fields.get('commit', '?')[:12]}")
+                if line not in seen:
+                    seen.append(line)
+    return "Machine: " + "; ".join(seen) + "." if seen else ""
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="a grid file, e.g. configs/ablations/temperature.yaml")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/grid"), help="where the runs go (default runs/grid)")
+    parser.add_argument("--only", nargs="+", help="run and report only these variants")
+    parser.add_argument("--report-only", action="store_true", help="write the table and plots from the runs there are")
+    args = parser.parse_args(argv)
+    grid = load_grid(args.grid)
+    if args.only:
+        unknown = set(args.only) - {v.name for v in grid.variants}
+        if unknown:
+            raise ConfigError(f"--only {sorted(unknown)}: not variants of {grid.name} ({', '.join(v.name for v in grid.variants)})")
+        grid.variants = [v for v in grid.variants if v.name in args.only]
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    seeds = list(range(args.seeds))
+    runs_dir = args.runs_dir.absolute()
+    if not args.report_only:
+        run_grid(grid, seeds, runs_dir)
+    rows = summarise(grid, seeds, runs_dir)
+    out_dir = runs_dir / grid.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(grid, rows, machines(grid, seeds, runs_dir))
+    (out_dir / f"{grid.name}.md").write_text(table)
+    pictures = plot(curves(grid, seeds, runs_dir), out_dir, grid.name)
+    print(table)
+    print(f"wrote {out_dir / (grid.name + '.md')}, " + ", ".join(str(p) for p in pictures))
+    return rows
