@@ -134,3 +134,29 @@ def test_every_shipped_grid_variant_passes_both_stages_config_checks(path):
         adapt.check_adapt_settings(cfg)
         if not grid.source_model:  # the source model each variant's adaptation will load must fit it
             stage.check_model_settings(cfg, {"config": source_cfg.to_dict()}, f"{variant.name}'s source model")
+
+
+def test_a_tiny_grid_runs_end_to_end_then_skips_everything(synth_root, tmp_path, capsys):
+    tiny = ["data.synth_preset=tiny", "device=cpu", "data.num_workers=0", "data.num_pids=4", "eval.batch_size=64"]
+    (tmp_path / "tiny.yaml").write_text(f"""
+name: tiny
+source: synth_market
+target: synth_duke
+pretrain_config: configs/pretrain/synth_market.yaml
+adapt_config: configs/uda/synth_market2synth_duke.yaml
+opts: {tiny + [f"data.root={synth_root}"]}
+pretrain_opts: [optim.epochs=4, optim.warmup_epochs=1, train.eval_every=4]
+variants:
+  base: {{opts: [optim.epochs=2, adapt.iters=4, cluster.k1=8, cluster.k2=3, cluster.min_samples=3]}}
+  T=1.0: {{opts: [optim.epochs=2, adapt.iters=4, cluster.k1=8, cluster.k2=3, cluster.min_samples=3, model.temperature=1.0]}}
+""")
+    rows = gridlib.main([str(tmp_path / "tiny.yaml"), "--seeds", "1", "--runs-dir", str(tmp_path / "runs")])
+    assert [(r["name"], r["seeds"]) for r in rows] == [("base", 1), ("T=1.0", 1)]
+    assert rows[0]["direct"] == rows[1]["direct"]  # one source model for both
+    assert 0 < rows[0]["mAP"][0] <= 1 and rows[0]["mAP"][1] == 0.0
+    out = capsys.readouterr().out
+    assert "grid tiny: 3 runs, 0 done, 3 to run" in out and "adapt T=1.0 seed 0: epoch 2/2" in out
+    assert (tmp_path / "runs" / "tiny" / "tiny.md").read_text().startswith("# Grid tiny")
+    assert "Machine: " in (tmp_path / "runs" / "tiny" / "tiny.md").read_text()
+    gridlib.main([str(tmp_path / "tiny.yaml"), "--seeds", "1", "--runs-dir", str(tmp_path / "runs")])
+    assert "grid tiny: 3 runs, 3 done, 0 to run" in capsys.readouterr().out
