@@ -18,7 +18,7 @@ from baselines.merged_classifier import with_opts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Every other argument is uda/adapt.py's (see its --help).")
     parser.add_argument("--num-clusters", type=int, required=True, help="k, the number of pseudo-identities")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     switch = ["cluster.method=kmeans", f"cluster.num_clusters={args.num_clusters}"]
