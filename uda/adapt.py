@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
             features, target_camids, device=device, true_ids=target_true_ids, dist=dist, seed=cfg.seed + epoch, **cfg.cluster
         )
         stats = clusters.stats
+        run.save_pseudo_labels(epoch + 1, clusters.labels, [r.path for r in target_train], target_true_ids)
         agreement = (
             f", NMI {stats['nmi']:.3f} ARI {stats['ari']:.3f} pairwise P/R {stats['pairwise_precision']:.3f}/"
             f"{stats['pairwise_recall']:.3f} (diagnostics vs true ids)" if "nmi" in stats else ""

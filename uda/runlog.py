@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import numpy as np
 import torch
 import yaml
 
@@ -59,6 +60,9 @@ def machine_record(cfg: Config) -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"threads: {torch.get_num_threads()}\ncpu: {cpu}\ngpu: {gpu}\n"
             f"device: {cfg.get('device', 'auto')}\ndeterministic: {cfg.get('deterministic', False)}\n")
+
+
+PSEUDO_LABELS = "pseudo_labels"  # adapt's per-epoch cluster labels
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -150,7 +154,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob(".*.tmp"):  # left by a process killed while writing
             stale.unlink()
-        earlier = [name for name in ("metrics.jsonl", "tb", FINAL_MODEL) if (self.path / name).exists()]
+        earlier = [name for name in ("metrics.jsonl", "tb", FINAL_MODEL, PSEUDO_LABELS) if (self.path / name).exists()]
         if not checkpoints:
             for name in earlier:  # an earlier attempt that never reached a checkpoint: not part of this run
                 target = self.path / name
@@ -243,6 +247,21 @@ class RunDir:
         atomic_save(state, last)
         for extra in self.checkpoint_files()[self.keep_checkpoints:]:  # keep_checkpoints was lowered
             extra.unlink()
+
+    def save_pseudo_labels(self, epoch: int, labels: np.ndarray, images: list[str], true_ids: np.ndarray | None) -> None:
+        """pseudo_labels/epoch_<E>.npy (int64, -1 = outlier), one per epoch, in the order of
+        pseudo_labels/images.tsv (path, true id or -1: diagnostics), written once: what
+        `python -m uda.visualize clusters` shows. ~8 bytes an image an epoch."""
+        if not self.is_main:
+            return
+        folder = self.path / PSEUDO_LABELS
+        folder.mkdir(exist_ok=True)
+        index = folder / "images.tsv"
+        if not index.is_file():
+            ids = true_ids if true_ids is not None else np.full(len(images), -1)
+            text = "".join(f"{path}\t{int(pid)}\n" for path, pid in zip(images, ids))
+            atomic_write(index, lambda handle: handle.write(text.encode()))
+        atomic_write(folder / f"epoch_{epoch:03d}.npy", lambda handle: np.save(handle, np.asarray(labels, dtype=np.int64)))
 
     def save_final_model(self, state: dict) -> None:
         """The trained model for the next stage or for deployment (the checkpoint holds more)."""

@@ -343,13 +343,17 @@ def evaluate_test_sets(
     return results
 
 
+def test_set_features(model: nn.Module, test_set: TestSet, cfg: Config, amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query features, gallery features), L2-normalised, as evaluation scores them (eval.flip, bf16 under train.amp)."""
+    features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}")
+    return features[: len(test_set.query)], features[len(test_set.query):]
+
+
 def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: torch.device) -> dict[str, dict]:
     results: dict[str, dict] = {}
     amp = amp_dtype(cfg, device)
     for test_set in test_sets:
-        features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}")
-        num_query = len(test_set.query)
-        qf, gf = features[:num_query], features[num_query:]
+        qf, gf = test_set_features(model, test_set, cfg, amp)
         q_pids, q_cams = torch.tensor([r.pid for r in test_set.query]), torch.tensor([r.camid for r in test_set.query])
         g_pids, g_cams = torch.tensor([r.pid for r in test_set.gallery]), torch.tensor([r.camid for r in test_set.gallery])
         distmat = pairwise_distance(qf, gf, metric=cfg.eval.metric, device=device)
