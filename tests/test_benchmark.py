@@ -1,0 +1,45 @@
+"""scripts/benchmark.py: the ratio and cell formats, and --quick end to end (CI's smoke test: every row of
+the table filled, nothing failed; timings are not checked)."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+benchmark = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+
+def test_ratio_is_how_many_times_better_ours_is():
+    assert benchmark.ratio({"seconds": 6.0}, {"seconds": 2.0}, "s") == "3.0x"  # time: usual / ours
+    assert benchmark.ratio({"images_per_s": 100.0}, {"images_per_s": 130.0}, "images/s") == "1.30x"  # rate: ours / usual
+    assert benchmark.ratio(None, {"seconds": 2.0}, "s") == "-" and benchmark.ratio({"error": "x"}, {"seconds": 1.0}, "s") == "-"
+    assert benchmark.cell({"seconds": 0.5, "step_gb": 1.234}, "s") == "0.5 s, +1.23 GB peak"
+    assert benchmark.cell({"error": "no compiler"}, "images/s") == "failed: no compiler"
+
+
+def test_plan_has_every_case_and_full_adds_msmt_size():
+    cases = {row["case"] for row in benchmark.plan(quick=False, full=False, device="cpu")}
+    assert cases == {"cluster", "evaluate", "rerank", "pipeline", "train", "extract"}
+    sizes = [row["size"] for row in benchmark.plan(quick=False, full=True, device="cpu") if row["case"] == "cluster"]
+    assert sizes == ["N = 12,936, dim 2048", "N = 16,522, dim 2048", "N = 126,441, dim 2048"]
+    rows = benchmark.plan(quick=False, full=False, device="cpu")
+    assert len([r for r in rows if r["case"] == "train"]) == 3 * 3  # 3 backbones x (channels_last, bf16, compile) vs fp32
+
+
+@pytest.mark.timeout(600)
+def test_quick_run_fills_the_whole_table(tmp_path, monkeypatch):
+    monkeypatch.delenv("UDA_REAL_DATA", raising=False)  # synthetic images: fast and the same everywhere
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "benchmark.md").read_text()
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert table.startswith("Machine: ") and report["machine"]["cores"] >= 1 and report["quick"]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    assert len(rows) == len(report["rows"]) == 8
+    assert not any("failed" in row for row in rows), table
+    assert all(row.rstrip(" |").endswith("x") for row in rows), table  # every row has its ratio
