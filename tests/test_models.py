@@ -286,6 +286,18 @@ def test_without_bnneck_both_losses_and_inference_use_the_pooled_feature():
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
 
 
+def test_embedding_layer_maps_the_pooled_feature_before_the_neck():
+    torch.manual_seed(0)
+    model = build_model("resnet18_w16", embedding_dim=64)
+    assert model.feature_dim == 64 and model.bnneck.num_features == 64 and model.embedding.bias is None
+    images = torch.randn(4, 3, 64, 32)
+    out = model.train()(images)
+    pooled = model.forward_features(images).mean(dim=(2, 3))
+    assert torch.allclose(out["global"], pooled @ model.embedding.weight.T, atol=1e-5)  # f_t = W pooled
+    assert out["bn"].shape == (4, 64)
+    assert isinstance(build_model("resnet18_w16").embedding, torch.nn.Identity)  # the strong baseline: none
+
+
 def test_bnneck_bias_stays_zero_through_training():
     model = small_model(pooling="gem")
     assert isinstance(model.pooling, GeM) and model.feature_dim == 128

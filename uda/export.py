@@ -5,7 +5,7 @@
 The exported graph is what the run's evaluation computes from a batch of preprocessed images:
 
     input  "images"   (batch, 3, H, W) float32: RGB resized to the run's data.height x data.width,
-                      scaled to [0, 1], normalised with ImageNet's mean and std
+                      scaled to [0, 1], normalised with the run's data.mean / data.std (ImageNet's by default)
     output "features" (batch, D) float32: flip-averaged when the run evaluated so (eval.flip), L2-normalised
 
 with a dynamic batch axis. H, W, the mean/std and D are written beside it in <out>.json.
@@ -26,7 +26,6 @@ from torch import nn
 
 from uda import stage
 from uda.cli import run_main
-from uda.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from uda.errors import UdaError
 
 
@@ -61,7 +60,7 @@ def export_onnx(path: str | Path, out: str | Path, opset: int = 18) -> dict:
         raise UdaError(f"ONNX export needs onnx and onnxscript (pip install -e '.[test]'): {exc}") from None
     record = {
         "model": str(path), "input": "images", "output": "features", "height": cfg.data.height, "width": cfg.data.width,
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "flip": cfg.eval.flip, "feature_dim": model.feature_dim,
+        "mean": list(cfg.data.mean), "std": list(cfg.data.std), "flip": cfg.eval.flip, "feature_dim": model.feature_dim,
         "opset": opset,
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

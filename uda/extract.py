@@ -13,8 +13,8 @@ In Python, the same in one call:
     extractor = uda.load_model("runs/.../model_final.pth")      # device="cuda" to run on a GPU
     features = extractor(["a.jpg", "b.jpg"])                     # or PIL images; (2, D) torch.float32
 
-Preprocessing is the run's evaluation's: resize to the run's data.height x data.width, ImageNet
-mean/std, features of each image averaged with its mirror's when the run evaluated so (eval.flip),
+Preprocessing is the run's evaluation's: resize to the run's data.height x data.width, its data.mean /
+data.std (ImageNet's unless the run chose others), features of each image averaged with its mirror's when the run evaluated so (eval.flip),
 bf16 autocast under train.amp. The features equal what the run's own evaluation computes.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ class FeatureExtractor:
         self.model = model.to(device).eval()
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.transform = test_transform(cfg.data.height, cfg.data.width)
+        self.transform = test_transform(cfg.data.height, cfg.data.width, tuple(cfg.data.mean), tuple(cfg.data.std))
         self.batch_size = batch_size or cfg.eval.batch_size
 
     @property

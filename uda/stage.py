@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from uda import checkpoint
 from uda.cluster import KNN_BACKENDS
 from uda.config import Config, flatten, load_config
-from uda.data import prepare_images, test_loader, test_transform, train_loader, train_transform
+from uda.data import IMAGENET_MEAN, IMAGENET_STD, prepare_images, test_loader, test_transform, train_loader, train_transform
 from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoader, DeviceTrainLoader
 from uda.data.images import ImageCache
 from uda.datasets import ReIDDataset, load_dataset
@@ -59,6 +59,8 @@ COMMON_DEFAULTS: dict = {
         "flip_p": 0.5,
         "pad": 10,
         "erasing_p": 0.5,
+        "mean": list(IMAGENET_MEAN),  # input normalisation; `python -m uda.data.stats` gives a dataset's own
+        "std": list(IMAGENET_STD),
     },
     "model": {
         "backbone": "resnet50",  # resnet18 | resnet34 | resnet50 | resnet18_w16 | resnet18_w32 | mobilenet_v2
@@ -66,6 +68,7 @@ COMMON_DEFAULTS: dict = {
         "last_stride": 1,
         "pooling": "avg",  # avg | gem
         "bnneck": True,
+        "embedding_dim": 0,  # 0: none (the strong baseline); N: a bias-free D -> N layer after pooling (an ablation)
         "head": "linear",  # linear | cosine | arcface | cosface
         "temperature": 0.1,  # cosine head: logits = cos / T
         "scale": 30.0,  # arcface / cosface
@@ -155,9 +158,11 @@ RANGES: dict[str, tuple] = {
     "data.num_pids": (_AT_LEAST_TWO[0], "a whole number >= 2 (the triplet loss needs other identities)"),
     "data.num_instances": (_AT_LEAST_TWO[0], "a whole number >= 2 (the triplet loss needs a positive)"),
     "data.num_workers": _NON_NEGATIVE, "data.subset_ids": _NON_NEGATIVE, "data.pad": _NON_NEGATIVE,
+    "data.mean": (lambda v: len(v) == 3, "3 numbers (R, G, B)"),
+    "data.std": (lambda v: len(v) == 3 and all(x > 0 for x in v), "3 numbers > 0 (R, G, B)"),
     "data.flip_p": _PROBABILITY, "data.erasing_p": _PROBABILITY, "data.synth_seed": _NON_NEGATIVE,
     "model.last_stride": (lambda v: v in (1, 2), "1 (strong baseline) or 2 (plain)"),
-    "model.temperature": _POSITIVE, "model.scale": _POSITIVE, "model.margin": _NON_NEGATIVE,
+    "model.embedding_dim": _NON_NEGATIVE, "model.temperature": _POSITIVE, "model.scale": _POSITIVE, "model.margin": _NON_NEGATIVE,
     "loss.ce_weight": _NON_NEGATIVE, "loss.triplet_weight": _NON_NEGATIVE, "loss.triplet_margin": _NON_NEGATIVE,
     "loss.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "loss.center_weight": _NON_NEGATIVE,
     "loss.center_lr": _POSITIVE, "loss.source_weight": _NON_NEGATIVE, "loss.target_weight": _NON_NEGATIVE,
@@ -290,12 +295,12 @@ def make_train_loader(
     d = cfg.data
     seed = stream_seed(cfg.seed, stream)
     if isinstance(images, DeviceImages):
-        augment = BatchAugment(pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p)
+        augment = BatchAugment(pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p, mean=tuple(d.mean), std=tuple(d.std))
         return DeviceTrainLoader(
             images, records, augment, d.num_pids, d.num_instances, seed,
             num_iterations=num_iterations, rank=rank, world_size=world_size,
         )
-    transform = train_transform(d.height, d.width, pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p)
+    transform = train_transform(d.height, d.width, pad=d.pad, flip_p=d.flip_p, erasing_p=d.erasing_p, mean=tuple(d.mean), std=tuple(d.std))
     return train_loader(
         records, transform, d.num_pids, d.num_instances, seed, d.num_workers,
         num_iterations=num_iterations, cache=images, rank=rank, world_size=world_size,
@@ -306,8 +311,9 @@ def make_plain_loader(records: list[ImageRecord], cfg: Config, images: Images, d
     """Records in order, test transform: for evaluation and for the target feature memory. Batches of
     resized images are normalised on `device` (default: where the images are)."""
     if isinstance(images, DeviceImages):
-        return DevicePlainLoader(images, records, cfg.eval.batch_size, device=device)
-    return test_loader(records, test_transform(cfg.data.height, cfg.data.width), cfg.eval.batch_size, cfg.data.num_workers, images)
+        return DevicePlainLoader(images, records, cfg.eval.batch_size, device=device, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+    return test_loader(records, test_transform(cfg.data.height, cfg.data.width, tuple(cfg.data.mean), tuple(cfg.data.std)),
+                       cfg.eval.batch_size, cfg.data.num_workers, images)
 
 
 @dataclass
@@ -377,14 +383,22 @@ def _summary(metrics: dict) -> dict:
 
 def build_reid_model(cfg: Config, pretrained: str | None = None) -> ReIDModel:
     m = cfg.model
-    return build_model(m.backbone, pretrained or m.pretrained, m.last_stride, m.pooling, m.bnneck)
+    return build_model(m.backbone, pretrained or m.pretrained, m.last_stride, m.pooling, m.bnneck, m.embedding_dim)
+
+
+def with_defaults(saved: dict, base: dict) -> dict:
+    """A saved config with every key it lacks taken from `base`: a model saved before a setting existed
+    was made under that setting's default (e.g. data.mean, model.embedding_dim)."""
+    filled = {key: with_defaults(value, base[key]) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+              for key, value in saved.items()}
+    return {**{key: value for key, value in base.items() if key not in saved}, **filled}
 
 
 def load_trained_model(path: str | Path, opts: list[str] | tuple = ()) -> tuple[ReIDModel, Config]:
     """A saved model (model_final.pth or a run's last.pth) built under the config saved with it (a
     bare state dict: the defaults), `opts` applied on top: what evaluate.py and uda.extract run."""
     saved = checkpoint.read(path)
-    cfg = load_config(saved.get(checkpoint.CONFIG) or defaults(), None, opts)
+    cfg = load_config(with_defaults(saved.get(checkpoint.CONFIG) or {}, defaults()), None, opts)
     check_settings(cfg)
     model = build_reid_model(cfg, pretrained="none")
     load_model_weights(model, saved, path)
@@ -393,7 +407,8 @@ def load_trained_model(path: str | Path, opts: list[str] | tuple = ()) -> tuple[
 
 # What a saved model's weights mean: a model loaded under other values computes other features even
 # when every tensor shape fits (last stride, pooling, neck, image size).
-MODEL_SETTINGS = ("model.backbone", "model.last_stride", "model.pooling", "model.bnneck", "data.height", "data.width")
+MODEL_SETTINGS = ("model.backbone", "model.last_stride", "model.pooling", "model.bnneck", "model.embedding_dim", "data.height", "data.width",
+                  "data.mean", "data.std")
 
 
 def check_model_settings(cfg: Config, saved: dict, path: str | Path) -> None:

@@ -18,14 +18,21 @@ class ReIDModel(nn.Module):
     """images (B, 3, H, W) -> {"global": f_t (B, D), "bn": f_i (B, D)} in training, f_i (B, D) in eval.
 
     `bnneck=False` is the strong baseline's ablation without the neck: f_i is f_t itself, so the ID and
-    triplet losses act on the same vector, which is also the inference feature.
+    triplet losses act on the same vector, which is also the inference feature. `embedding_dim=N > 0`
+    is the other ablation: a bias-free linear D -> N layer between pooling and the neck, so f_t is N-d
+    (the documents: an added 2048 -> 1024 layer cost ~6 mAP).
     """
 
-    def __init__(self, backbone: nn.Module, pooling: nn.Module, bnneck: bool = True):
+    def __init__(self, backbone: nn.Module, pooling: nn.Module, bnneck: bool = True, embedding_dim: int = 0):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        self.embedding: nn.Module = nn.Identity()
         self.feature_dim = backbone.out_channels
+        if embedding_dim:
+            self.embedding = nn.Linear(self.feature_dim, embedding_dim, bias=False)
+            nn.init.kaiming_normal_(self.embedding.weight, mode="fan_out")
+            self.feature_dim = embedding_dim
         self.bnneck: nn.Module = nn.Identity()
         if bnneck:
             # scale learned (init 1), shift frozen at 0 so f_i stays centred for the bias-free classifier
@@ -39,7 +46,7 @@ class ReIDModel(nn.Module):
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
-        global_feature = self.pooling(self.forward_features(images))
+        global_feature = self.embedding(self.pooling(self.forward_features(images)))
         bn_feature = self.bnneck(global_feature)
         if self.training:
             return {"global": global_feature, "bn": bn_feature}
@@ -52,6 +59,7 @@ def build_model(
     last_stride: int = 1,
     pooling: str = "avg",
     bnneck: bool = True,
+    embedding_dim: int = 0,
 ) -> ReIDModel:
     """The strong baseline's feature extractor by default (ResNet-50, last stride 1, average pooling, BNNeck)."""
-    return ReIDModel(build_backbone(backbone, pretrained, last_stride), build_pooling(pooling), bnneck)
+    return ReIDModel(build_backbone(backbone, pretrained, last_stride), build_pooling(pooling), bnneck, embedding_dim)
