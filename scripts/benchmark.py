@@ -17,7 +17,7 @@ Cases (sizes: default / --quick; --full adds MSMT17's 126,441 for clustering):
              at a size it does within a minute, and ours alone at Market size
   pipeline   training batches (P x K = 16 x 4, augmented) per second: per-image DataLoader vs device pipeline
   train      one training step (64 images, forward + backward + Adam), images/s, per backbone of our
-             configs: fp32 (usual) vs channels_last / bf16 autocast / torch.compile
+             configs: fp32 (usual) vs channels_last, and bf16 autocast / torch.compile on top of channels_last
   extract    feature extraction images/s (batch 128, eval mode), same backbones and modes
 --quick (smallest sizes, under a minute on 2 cores) is CI's smoke test: it checks the table is complete.
 """
@@ -243,7 +243,8 @@ def plan(quick: bool, full: bool, device: str) -> list[dict]:
         for backbone, height, width in backbones:
             usual = (case, {"backbone": backbone, "height": height, "width": width, "mode": "fp32", key: count, "device": device})
             for mode in modes:
-                rows.append({"case": case, "size": f"{backbone} {height}x{width}, {mode} vs fp32", "unit": "images/s", "usual": usual,
+                label = mode if mode == "channels_last" else f"{mode} + channels_last"
+                rows.append({"case": case, "size": f"{backbone} {height}x{width}, {label} vs fp32", "unit": "images/s", "usual": usual,
                              "ours": (case, {**usual[1], "mode": mode})})
     return rows
 

@@ -244,3 +244,13 @@ def test_torchrun_two_processes_adapt_like_one(synth_root, source_model, tmp_pat
     assert one["direct"]["mAP"] == pytest.approx(two["direct"]["mAP"])  # the same source model, evaluated once
     assert two["adapted"]["epoch"] == 5 and two["adapted"]["mAP"] > two["direct"]["mAP"] + 0.05
     assert abs(two["adapted"]["mAP"] - one["adapted"]["mAP"]) <= 0.10, (one["adapted"]["mAP"], two["adapted"]["mAP"])
+
+
+def test_a_source_config_is_matched_by_its_exact_name_not_a_prefix(tmp_path, monkeypatch):
+    configs = tmp_path / "configs" / "pretrain"
+    configs.mkdir(parents=True)
+    (configs / "market.yaml").write_text("model: {pretrained: none}\n")
+    monkeypatch.setattr(adapt, "PRETRAIN_CONFIGS", configs)
+    cfg = load_config(adapt.DEFAULTS)
+    assert adapt.matching_pretrain_config(cfg, "m") == (None, True)  # your data "m" is not market
+    assert adapt.matching_pretrain_config(cfg, "market")[0] == Path("configs/pretrain/market.yaml")

@@ -157,3 +157,21 @@ def test_adapt_to_an_unlabelled_camera_less_target(synth_root, source_model, tmp
     assert "no camera ids: evaluation keeps same-camera matches" in log and "diagnostics vs true ids" not in log
     with pytest.raises(DatasetError, match="its train images have no ids, so it can only be a target"):
         pretrain.main(["--source", str(target), "--opts", "device=cpu"])
+
+
+def test_camera_less_data_whose_queries_have_no_gallery_id_is_refused_when_loaded(tmp_path):
+    root = write_folder(tmp_path / "mine", cameras=False)
+    shutil.rmtree(root / "gallery" / "10")
+    with pytest.raises(DatasetError, match="no query id appears in the gallery"):
+        load_dataset(str(root))
+
+
+def test_your_data_may_not_take_a_built_in_datasets_name(tmp_path):
+    with pytest.raises(DatasetError, match="your dataset's name 'duke' .* rename it \\(e.g. my_duke\\)"):
+        load_dataset(str(write_folder(tmp_path / "duke")))
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    touch(tmp_path, "a.jpg", "q.jpg", "g.jpg")
+    (tmp_path / "bom.csv").write_text("\ufeffsplit,path,pid\ntrain,a.jpg,1\nquery,q.jpg,1\ngallery,g.jpg,1\n", encoding="utf-8")
+    assert len(load_dataset(str(tmp_path / "bom.csv")).train) == 1

@@ -99,7 +99,7 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     (GRID.replace("target: synth_duke\n", ""), r"missing keys \['target'\]"),
     (GRID.replace('documents: "31.7"', 'paper: "31.7"'), r"variant 'T=1.0' has unknown keys \['paper'\]"),
     (GRID.replace("no_erasing:", "no erasing:"), "must be letters, digits"),
-    (GRID.replace("configs/uda/synth_market2synth_duke.yaml", "configs/uda/none.yaml"), "adapt_config configs/uda/none.yaml does not exist"),
+    (GRID.replace("configs/uda/synth_market2synth_duke.yaml", "configs/uda/none.yaml"), "adapt_config .*configs/uda/none.yaml does not exist"),
 ])
 def test_grid_file_errors_name_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -160,3 +160,19 @@ variants:
     assert "Machine: " in (tmp_path / "runs" / "tiny" / "tiny.md").read_text()
     gridlib.main([str(tmp_path / "tiny.yaml"), "--seeds", "1", "--runs-dir", str(tmp_path / "runs")])
     assert "grid tiny: 3 runs, 3 done, 0 to run" in capsys.readouterr().out
+
+
+def test_a_run_made_with_other_settings_is_refused_not_summarised(grid_file, tmp_path):
+    from uda.config import dump_config
+
+    grid = gridlib.load_grid(grid_file)
+    grid.variants = grid.variants[1:2]  # T=1.0
+    runs = gridlib.plan(grid, [0], tmp_path / "runs")
+    for run in runs:
+        run.folder.mkdir(parents=True)
+        dump_config(gridlib.planned_config(run), run.folder / "config.yaml")
+        (run.folder / FINAL_MODEL).write_bytes(b"")
+    gridlib.run_grid(grid, [0], tmp_path / "runs", progress=lambda line: None, runner=None)  # all done, all the same: nothing runs
+    grid.variants[0].opts = ["model.temperature=0.5"]  # the grid file edited since
+    with pytest.raises(ConfigError, match=r"adapt of T=1.0 seed 0: .*model.temperature: 1.0 -> 0.5.*delete .*T=1.0/seed0"):
+        gridlib.run_grid(grid, [0], tmp_path / "runs", progress=lambda line: None, runner=None)

@@ -54,3 +54,11 @@ def test_a_source_model_trained_with_other_statistics_is_refused():
 def test_statistics_are_range_checked(opt, message):
     with pytest.raises(ConfigError, match=message):
         stage.check_settings(load_config(pretrain.DEFAULTS, None, [opt]))
+
+
+def test_a_model_saved_before_the_statistics_existed_was_trained_with_imagenets():
+    old = load_config(pretrain.DEFAULTS).to_dict()
+    del old["data"]["mean"], old["data"]["std"]
+    cfg = load_config(adapt.DEFAULTS, None, ["data.mean=[0.5,0.5,0.5]"])
+    with pytest.raises(Exception, match=r"--opts data.mean=\[0.485,0.456,0.406\]"):  # pasteable: no spaces in the list
+        stage.check_model_settings(cfg, {"config": old}, "m.pth")

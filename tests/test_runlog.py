@@ -103,3 +103,14 @@ def test_the_packages_messages_go_to_the_newest_runs_log(tmp_path):
     assert "ImageNet weights from here" in second_log and "skipped" not in second_log
     assert "after the run" not in first_log + second_log
     first.close()
+
+
+def test_a_kill_between_linking_and_saving_loses_no_older_checkpoint(tmp_path):
+    folder = tmp_path / "run"
+    saves(folder, [1, 2], keep=3)
+    # what a kill leaves while saving epoch 3: rotated, last.pth linked as last.1.pth, not yet replaced
+    os.replace(folder / "last.1.pth", folder / "last.2.pth")
+    os.link(folder / "last.pth", folder / "last.1.pth")
+    saves(folder, [3], keep=3)  # the resumed run saves epoch 3 again
+    assert [torch.load(folder / n)["epoch"] for n in ("last.pth", "last.1.pth", "last.2.pth")] == [3, 2, 1]
+    assert not list(folder.glob(".*.tmp"))

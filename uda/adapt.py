@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from uda import checkpoint, stage
 from uda.cli import run_main, stage_parser
 from uda.cluster import CLUSTER_METHODS, cluster_centers, pseudo_label_round
-from uda.config import Config, flatten, load_config
+from uda.config import Config, flatten, load_config, opt
 from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
 from uda.errors import ConfigError, UdaError
@@ -73,7 +73,7 @@ def default_init(cfg: Config, source_name: str) -> Path:
     config, weights_here = matching_pretrain_config(cfg, source_name)
     settings = flatten(cfg.to_dict())
     how = f"--config {config} " if config else ""
-    opts = "" if config else " --opts " + " ".join(f"{key}={settings[key]}" for key in stage.MODEL_SETTINGS)
+    opts = "" if config else " --opts " + " ".join(opt(key, settings[key]) for key in stage.MODEL_SETTINGS)
     note = "" if weights_here else (
         f" ({config} starts from ImageNet {settings['model.backbone']} weights this machine does not have; the "
         f"*_mobilenet.yaml configs of configs/uda and configs/pretrain start from ones `make install` provides)"
@@ -95,7 +95,8 @@ def matching_pretrain_config(cfg: Config, source_name: str) -> tuple[Path | None
 
     wanted = {key: flatten(cfg.to_dict())[key] for key in stage.MODEL_SETTINGS}
     matches = []
-    for path in sorted(PRETRAIN_CONFIGS.glob(f"{source_name}*.yaml")):
+    shipped = [*PRETRAIN_CONFIGS.glob(f"{source_name}.yaml"), *PRETRAIN_CONFIGS.glob(f"{source_name}_*.yaml")]
+    for path in sorted(shipped):
         candidate = flatten(load_config(PRETRAIN_DEFAULTS, path).to_dict())
         if all(candidate[key] == value for key, value in wanted.items()):
             weights_here = candidate["model.pretrained"] != "imagenet" or imagenet_weights_on_disk(candidate["model.backbone"])
@@ -146,7 +147,9 @@ def replace_head(head: ClassifierHead, optimizer: torch.optim.Optimizer, rows: t
 def initial_rows(centers: torch.Tensor, cfg: Config, epoch: int) -> torch.Tensor:
     """A head's starting rows: the (normalised) centres themselves, or under adapt.head_init=normal the
     strong baseline's N(0, 0.001) draw of the same shape (seeded by the run's seed and the epoch, so a
-    resumed run draws the same rows)."""
+    resumed run draws the same rows). The draw is kept raw, as in the source documents' comparison: in a
+    cosine head such rows (norm ~0.001 sqrt(D)) turn much faster under Adam than unit-norm centres, which
+    is part of what that comparison measured (adapt.renormalize_rows is the other part)."""
     if cfg.adapt.head_init == "centers":
         return centers
     generator = torch.Generator().manual_seed(stage.stream_seed(cfg.seed, 1000 + epoch))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -108,6 +109,12 @@ def load_config(defaults: dict, path: str | Path | None = None, opts: Iterable[s
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def opt(key: str, value: Any) -> str:
+    """`key=value` as --opts takes it in a shell: lists without spaces (data.mean=[0.5,0.5,0.5])."""
+    text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple)) else value
+    return f"{key}={text}"
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

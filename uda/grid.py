@@ -35,9 +35,9 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from uda.errors import ConfigError
+from uda.errors import ConfigError, UdaError
 from uda.report import collect
-from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, read_metrics
+from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, check_resumable, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"name", "source", "target", "pretrain_config", "adapt_config", "opts", "pretrain_opts", "variants", "description",
@@ -90,14 +90,25 @@ def load_grid(path: str | Path) -> Grid:
         if not re.fullmatch(r"[\w.=+-]+", str(name)):
             raise ConfigError(f"{path}: variant name {name!r} must be letters, digits and . = + - _ (it names a folder)")
         variants.append(Variant(str(name), list(spec.get("opts", [])), list(spec.get("pretrain_opts", [])), str(spec.get("documents", ""))))
-    for key in ("pretrain_config", "adapt_config"):
-        if not (REPO / data[key]).is_file() and not Path(data[key]).is_file():
-            raise ConfigError(f"{path}: {key} {data[key]} does not exist")
+    for key in ("pretrain_config", "adapt_config", "source_model"):
+        if data.get(key):
+            data[key] = resolve(data[key])
+            if key != "source_model" and not Path(data[key]).is_file():
+                raise ConfigError(f"{path}: {key} {data[key]} does not exist")
     if data.get("source_model") and any(v.pretrain_opts for v in variants):
         raise ConfigError(f"{path}: a variant with pretrain_opts needs its own source model; remove source_model or those pretrain_opts")
     return Grid(data["name"], data["source"], data["target"], data["pretrain_config"], data["adapt_config"],
                 list(data.get("opts", [])), list(data.get("pretrain_opts", [])), variants, str(data.get("description", "")),
                 data.get("source_model"))
+
+
+def resolve(value: str) -> str:
+    """A grid file's path as an absolute one: as given when it exists from here, else from the repository
+    (the stages run with the repository as their working directory)."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    return str((Path.cwd() / path).absolute() if (Path.cwd() / path).exists() else REPO / path)
 
 
 def source_key(variant: Variant) -> str:
@@ -148,6 +159,33 @@ def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
     return runs
 
 
+def planned_config(run: Run):
+    """The config the run's stage builds from its planned argv (what its config.yaml must say)."""
+    from uda import adapt, pretrain, stage
+    from uda.config import load_config
+
+    module = adapt if run.stage == "adapt" else pretrain
+    flags = {"--source": "data.source", "--target": "data.target", "--init": "adapt.init"}
+    argv, opts = run.argv, run.argv[run.argv.index("--opts") + 1:]
+    flag_opts = [f"{key}={argv[argv.index(flag) + 1]}" for flag, key in flags.items() if flag in argv[: argv.index("--opts")]]
+    cfg = load_config(module.DEFAULTS, argv[argv.index("--config") + 1], flag_opts + opts)
+    stage.check_settings(cfg)
+    return cfg
+
+
+def check_same_settings(run: Run) -> None:
+    """A run folder already there must hold this variant's run: a grid file edited since (other opts) is
+    refused with the differences, not summarised from the old results."""
+    try:
+        changes = check_resumable(run.folder, planned_config(run))
+        trained = {key: change for key, change in changes.items() if key in ("optim.epochs", "train.eval_every", "eval.rerank")}
+        if run.done and trained:  # a finished run's numbers depend on these too
+            raise UdaError(f"{run.folder} was run with " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(trained.items())))
+    except UdaError as exc:
+        raise ConfigError(f"{run.stage} of {run.label}: {exc}; the grid file changed since that run: delete {run.folder} "
+                          "to run it again, or restore the grid file") from None
+
+
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) ")
 
 
@@ -157,12 +195,14 @@ def run_stage(run: Run, progress: Callable[[str], None]) -> None:
     start = time.perf_counter()
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
+    first_epoch = None  # a resumed run starts past epoch 1: its ETA counts the epochs this process ran
     for line in process.stdout:
         tail = (tail + [line])[-20:]
         match = EPOCH_LINE.search(line)
         if match:
             epoch, epochs = int(match.group(1)), int(match.group(2))
-            eta = (time.perf_counter() - start) / epoch * (epochs - epoch)
+            first_epoch = epoch if first_epoch is None else first_epoch
+            eta = (time.perf_counter() - start) / (epoch - first_epoch + 1) * (epochs - epoch)
             progress(f"{run.stage} {run.label}: epoch {epoch}/{epochs}, this run ETA {eta / 60:.1f} min")
     if process.wait() != 0:
         raise ConfigError(f"{run.stage} of {run.label} failed (exit {process.returncode}); its last lines:\n" + "".join(tail[-8:]))
@@ -173,6 +213,9 @@ def run_grid(grid: Grid, seeds: list[int], runs_dir: Path, progress: Callable[[s
     """Run every stage not yet done (skipped when its model_final.pth exists, resumed when it has a
     last.pth), with a progress line per run and an ETA for the grid from the runs' mean time so far."""
     runs = plan(grid, seeds, runs_dir)
+    for run in runs:
+        if run.done or run.started:
+            check_same_settings(run)
     todo = [r for r in runs if not r.done]
     progress(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run")
     times: list[float] = []

@@ -229,7 +229,11 @@ class RunDir:
         if not self.is_main:
             return
         last = self.path / LAST_CHECKPOINT
-        if self.keep_checkpoints > 1 and last.is_file():
+        previous = previous_checkpoint(last, 1)
+        # After a kill between linking last.1.pth and replacing last.pth, the two are one file: it is
+        # already the previous checkpoint, so nothing rotates (a rotation would drop the older ones).
+        rotate = last.is_file() and not (previous.is_file() and os.path.samefile(last, previous))
+        if self.keep_checkpoints > 1 and rotate:
             for age in range(self.keep_checkpoints - 1, 1, -1):
                 if previous_checkpoint(last, age - 1).is_file():
                     os.replace(previous_checkpoint(last, age - 1), previous_checkpoint(last, age))
@@ -238,12 +242,7 @@ class RunDir:
                 os.link(last, link)
             except OSError:  # a file system without hard links
                 shutil.copyfile(last, link)
-            previous = previous_checkpoint(last, 1)
-            if previous.is_file() and os.path.samefile(link, previous):
-                link.unlink()  # last.1.pth is already this file (a kill came before last.pth was replaced),
-                # and renaming a hard link onto its twin does nothing: the link would be left behind
-            else:
-                os.replace(link, previous)
+            os.replace(link, previous)
         atomic_save(state, last)
         for extra in self.checkpoint_files()[self.keep_checkpoints:]:  # keep_checkpoints was lowered
             extra.unlink()

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from uda import checkpoint
 from uda.cluster import KNN_BACKENDS
-from uda.config import Config, flatten, load_config
+from uda.config import Config, flatten, load_config, opt
 from uda.data import IMAGENET_MEAN, IMAGENET_STD, prepare_images, test_loader, test_transform, train_loader, train_transform
 from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoader, DeviceTrainLoader
 from uda.data.images import ImageCache
@@ -416,14 +416,15 @@ def check_model_settings(cfg: Config, saved: dict, path: str | Path) -> None:
     (nothing to compare for a bare state dict)."""
     if not isinstance(saved.get(checkpoint.CONFIG), dict):
         return
-    before, now = flatten(saved[checkpoint.CONFIG]), flatten(cfg.to_dict())
+    # a model saved before a setting existed was trained under its default
+    before, now = flatten(with_defaults(saved[checkpoint.CONFIG], defaults())), flatten(cfg.to_dict())
     differ = [key for key in MODEL_SETTINGS if key in before and before[key] != now[key]]
     if differ:
         listed = ", ".join(f"{key}={before[key]!r} (here {now[key]!r})" for key in differ)
         raise UdaError(
             f"{path} was trained with {listed}; use a config with the same model and image size "
             f"(e.g. the configs/uda/ file paired with its pretrain config) or add --opts "
-            + " ".join(f"{key}={before[key]}" for key in differ)
+            + " ".join(opt(key, before[key]) for key in differ)
         )
 
 

@@ -98,7 +98,7 @@ def _folder_rows(root: Path) -> list[Row]:
 
 
 def _csv_rows(path: Path) -> list[Row]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a spreadsheet's byte-order mark is not a column name
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or ()]
         missing = [c for c in ("split", "path") if c not in columns]
@@ -155,24 +155,26 @@ def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
         return ImageRecord(row[1], pid, NO_CAMERA if row[3] is None else cam_index[row[3]], pid)
 
     splits = {split: [record(r) for r in rows if r[0] == split] for split in SPLITS}
-    if True in with_camera:
-        _check_cross_camera_matches(name, splits["query"], splits["gallery"])
+    _check_query_matches(name, splits["query"], splits["gallery"], cameras=True in with_camera)
     train = relabel_train(splits["train"]) if True in labelled_train else splits["train"]
     return ReIDDataset(name, root, train, splits["query"], splits["gallery"])
 
 
-def _check_cross_camera_matches(name: str, query: list[ImageRecord], gallery: list[ImageRecord]) -> None:
-    """The Market-1501 protocol scores a query only against its id seen from other cameras: data whose
-    every query lacks one (one camera) would fail at its first evaluation, after training."""
+def _check_query_matches(name: str, query: list[ImageRecord], gallery: list[ImageRecord], cameras: bool) -> None:
+    """Evaluation scores a query only against its id in the gallery (seen from another camera, under the
+    Market-1501 protocol): data where no query has one would fail at its first evaluation, after training."""
     cameras_of: dict[int, set[int]] = {}
     for r in gallery:
         cameras_of.setdefault(r.pid, set()).add(r.camid)
-    if not any(cameras_of.get(q.pid, set()) - {q.camid} for q in query):
+    if cameras and not any(cameras_of.get(q.pid, set()) - {q.camid} for q in query):
         raise DatasetError(
             f"{name}: no query has a gallery image of its id from another camera (one camera?), and the Market-1501 "
             f"protocol scores only those; drop the camera ids (no c<N>_ name prefix, no camid column) to evaluate "
             f"with the no-camera protocol, which keeps same-camera matches"
         )
+    if not cameras and not any(q.pid in cameras_of for q in query):
+        raise DatasetError(f"{name}: no query id appears in the gallery, so no query can be scored; query/<id>/ and "
+                           f"gallery/<id>/ must share ids")
 
 
 def _natural(name: str) -> tuple:

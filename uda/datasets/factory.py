@@ -77,7 +77,11 @@ def load_dataset(
     msmt_train_val: MSMT17 trains on list_train + list_val (SpCL) instead of list_train only.
     """
     if name not in KNOWN_DATASETS and is_custom_dataset(name):
-        return parse_custom(name)
+        dataset = parse_custom(name)
+        if dataset.name in KNOWN_DATASETS:
+            raise DatasetError(f"{dataset.root}: your dataset's name {dataset.name!r} (its folder or file name) is a built-in "
+                               f"dataset's, whose run folders and configs it would take; rename it (e.g. my_{dataset.name})")
+        return dataset
     root = resolve_data_root(data_root)
     if name in SYNTHETIC_PARSERS:
         folder = synthetic_folder(name, root, synth_preset, synth_seed)
