@@ -103,7 +103,7 @@ def test_kmeans_recovers_planted_clusters_and_is_seeded():
 
 
 @pytest.mark.parametrize("opt, message", [
-    ("adapt.classifier=joint", "adapt.classifier must be one of separate, merged"),
+    ("adapt.classifier=merge", "adapt.classifier must be one of separate, merged, got 'merge'; did you mean 'merged'"),
     ("adapt.head_init=zeros", "adapt.head_init must be one of centers, normal"),
     ("cluster.method=agglomerative", "cluster.method must be one of dbscan, kmeans"),
     ("adapt.temperature_schedule=grow model.head=arcface", "model.head=arcface has none"),

@@ -204,11 +204,10 @@ def check_adapt_settings(cfg: Config) -> None:
             f"model.pretrained={cfg.model.pretrained!r} does not apply to adapt: its weights come from the source "
             "model (--init); give backbone weights to pretrain.py instead"
         )
-    for key, choices in (("adapt.classifier", CLASSIFIERS), ("adapt.head_init", HEAD_INITS),
-                         ("adapt.temperature_schedule", TEMPERATURE_SCHEDULES), ("cluster.method", CLUSTER_METHODS)):
-        section, name = key.split(".")
-        if cfg[section][name] not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {cfg[section][name]!r}")
+    stage.check_choices(flatten(cfg.to_dict()), {
+        "adapt.classifier": CLASSIFIERS, "adapt.head_init": HEAD_INITS,
+        "adapt.temperature_schedule": TEMPERATURE_SCHEDULES, "cluster.method": CLUSTER_METHODS,
+    })
     if cfg.adapt.temperature_schedule != "fixed" and cfg.model.head != "cosine":
         raise ConfigError(f"adapt.temperature_schedule={cfg.adapt.temperature_schedule} schedules the cosine head's "
                           f"temperature; model.head={cfg.model.head} has none (use model.head=cosine)")

@@ -186,16 +186,21 @@ def _passes(ok, value) -> bool:
         return False
 
 
+def check_choices(values: dict, choices_of: dict[str, tuple[str, ...]]) -> None:
+    """ConfigError for the first flattened setting not among its choices, naming them and the closest."""
+    for key, choices in choices_of.items():
+        if key in values and values[key] not in choices:
+            close = difflib.get_close_matches(str(values[key]), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {values[key]!r}{hint}")
+
+
 def check_settings(cfg: Config) -> None:
     """Every enumerated and numeric setting, checked as soon as the config is read, so nothing fails
     after minutes of decoding or training with a traceback from deep inside: a name not in its
     registry (the message lists the registry's names and the closest one), a number out of range."""
     values = flatten(cfg.to_dict())
-    for key, choices in CHOICES.items():
-        if key in values and values[key] not in choices:
-            close = difflib.get_close_matches(str(values[key]), choices, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {values[key]!r}{hint}")
+    check_choices(values, CHOICES)
     for key, (ok, rule) in RANGES.items():
         if key in values and values[key] is not None and not _passes(ok, values[key]):
             raise ConfigError(f"{key} must be {rule}, got {values[key]!r}")
