@@ -162,13 +162,15 @@ def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
 def planned_config(run: Run):
     """The config the run's stage builds from its planned argv (what its config.yaml must say)."""
     from uda import adapt, pretrain, stage
+    from uda.cli import stage_parser
     from uda.config import load_config
 
     module = adapt if run.stage == "adapt" else pretrain
-    flags = {"--source": "data.source", "--target": "data.target", "--init": "adapt.init"}
-    argv, opts = run.argv, run.argv[run.argv.index("--opts") + 1:]
-    flag_opts = [f"{key}={argv[argv.index(flag) + 1]}" for flag, key in flags.items() if flag in argv[: argv.index("--opts")]]
-    cfg = load_config(module.DEFAULTS, argv[argv.index("--config") + 1], flag_opts + opts)
+    parser = stage_parser(run.stage)  # the stages' own flags, read as the stages read them
+    parser.add_argument("--init")
+    args = parser.parse_args(run.argv)
+    opts = ([f"adapt.init={args.init}"] if args.init else []) + stage.cli_overrides(args)
+    cfg = load_config(module.DEFAULTS, args.config, opts)
     stage.check_settings(cfg)
     return cfg
 
