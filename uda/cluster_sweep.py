@@ -1,7 +1,7 @@
 """How DBSCAN's eps (and min_samples) would group a target train set under one model, before a run.
 
     python -m uda.cluster_sweep --model runs/pretrain/duke_mobilenet/model_final.pth --dataset market \
-        [--eps 0.4 0.45 0.5 0.55 0.6] [--min-samples 4] [--k1 30] [--k2 6] [--no-camera-normalize] [--out sweep.json]
+        [--eps 0.4 0.45 0.5 0.55 0.6] [--min-samples 4] [--k1 30] [--k2 6] [--camera-normalize] [--out sweep.json]
 
 The clustering step of adapt.py, once per setting, on the dataset's train split as the model sees it
 (its saved preprocessing, eval.flip): the features and the Jaccard distances are computed once, then
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--min-samples", type=int, nargs="+", default=[4])
     parser.add_argument("--k1", type=int, default=30)
     parser.add_argument("--k2", type=int, default=6)
-    parser.add_argument("--no-camera-normalize", action="store_true", help="cluster the features as they are (cluster.camera_normalize=false)")
+    parser.add_argument("--camera-normalize", action="store_true", help="remove each camera's mean feature first (cluster.camera_normalize=true)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. data.num_workers=2")
     args = parser.parse_args(argv)
@@ -86,23 +86,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model, cfg = stage.load_trained_model(args.model, opts)
     device = pick_device(DistInfo(), cfg.device)
     dataset = stage.load_named_dataset(args.dataset, cfg, "target")
-    if not args.no_camera_normalize and not dataset.has_cameras:
-        raise UdaError(f"{dataset.name} has no camera ids: pass --no-camera-normalize")
+    if args.camera_normalize and not dataset.has_cameras:
+        raise UdaError(f"--camera-normalize needs camera ids, and {dataset.name} has none")
     records, images = stage.prepare_train_split(dataset.train, cfg, device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     features = extract_features(model.to(device), stage.make_plain_loader(records, cfg, images), flip=cfg.eval.flip,
                                 normalize=True, amp_dtype=stage.amp_dtype(cfg, device), desc=f"{dataset.name} train")
-    camids = None if args.no_camera_normalize else torch.tensor([r.camid for r in records])
+    camids = torch.tensor([r.camid for r in records]) if args.camera_normalize else None
     true_ids = np.array([r.orig_pid for r in records]) if dataset.train_labelled else None
     rows = sweep(features, camids, true_ids, eps=args.eps, min_samples=args.min_samples, k1=args.k1, k2=args.k2, device=device)
     num_ids = len(np.unique(true_ids)) if true_ids is not None else None
     print(f"{args.model} on {dataset.name} train ({len(records)} images), k1={args.k1} k2={args.k2}, "
-          f"camera means {'kept' if args.no_camera_normalize else 'removed'}")
+          f"camera means {'removed' if args.camera_normalize else 'kept'}")
     print(format_rows(rows, num_ids))
     if args.out:
         args.out.write_text(json.dumps({"model": str(args.model), "dataset": dataset.name, "k1": args.k1, "k2": args.k2,
-                                        "camera_normalize": not args.no_camera_normalize, "rows": rows}, indent=2) + "\n")
+                                        "camera_normalize": args.camera_normalize, "rows": rows}, indent=2) + "\n")
     return rows
 
 
