@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from baselines import with_opts  # noqa: E402
 from uda import adapt  # noqa: E402
 from uda.cli import run_main  # noqa: E402
-from baselines.merged_classifier import with_opts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

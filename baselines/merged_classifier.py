@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from baselines import with_opts  # noqa: E402
 from uda import adapt  # noqa: E402
 from uda.cli import run_main  # noqa: E402
 
@@ -17,14 +18,6 @@ from uda.cli import run_main  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     return adapt.main(with_opts(argv, ["adapt.classifier=merged"]))
-
-
-def with_opts(argv: list[str], switch: list[str]) -> list[str]:
-    """argv with `switch` among its --opts (added right after --opts, wherever that is, or at the end)."""
-    if "--opts" not in argv:
-        return argv + ["--opts", *switch]
-    at = argv.index("--opts") + 1
-    return argv[:at] + switch + argv[at:]
 
 
 if __name__ == "__main__":
