@@ -27,7 +27,6 @@ import torch
 from uda import stage
 from uda.cli import run_main
 from uda.cluster import cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
-from uda.distributed import DistInfo, pick_device
 from uda.errors import ClusteringError, UdaError
 from uda.evaluation.features import extract_features
 
@@ -82,16 +81,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. data.num_workers=2")
     args = parser.parse_args(argv)
 
-    opts = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.opts)
-    model, cfg = stage.load_trained_model(args.model, opts)
-    device = pick_device(DistInfo(), cfg.device)
+    model, cfg, device = stage.inference_model(args.model, args.opts, args.data_root)
     dataset = stage.load_named_dataset(args.dataset, cfg, "target")
     if args.camera_normalize and not dataset.has_cameras:
         raise UdaError(f"--camera-normalize needs camera ids, and {dataset.name} has none")
     records, images = stage.prepare_train_split(dataset.train, cfg, device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    features = extract_features(model.to(device), stage.make_plain_loader(records, cfg, images), flip=cfg.eval.flip,
+    features = extract_features(model, stage.make_plain_loader(records, cfg, images), flip=cfg.eval.flip,
                                 normalize=True, amp_dtype=stage.amp_dtype(cfg, device), desc=f"{dataset.name} train")
     camids = torch.tensor([r.camid for r in records]) if args.camera_normalize else None
     true_ids = np.array([r.orig_pid for r in records]) if dataset.train_labelled else None

@@ -16,11 +16,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python uda/evaluate.py`: import the package, not uda/ itself
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch
-
 from uda import stage
 from uda.cli import run_main
-from uda.distributed import DistInfo, pick_device
 from uda.report import publish
 
 
@@ -33,14 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.rerank=true")
     args = parser.parse_args(argv)
 
-    opts = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.opts)
-    model, cfg = stage.load_trained_model(args.model, opts)  # a bare state dict: the default model unless --opts say otherwise
+    model, cfg, device = stage.inference_model(args.model, args.opts, args.data_root)  # a bare state dict: the default model unless --opts say otherwise
     stage.set_backends(cfg)
-    device = pick_device(DistInfo(), cfg.device)
     datasets = [stage.load_named_dataset(name, cfg, "test") for name in args.dataset]  # parsing only: a wrong path fails at once
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     test_sets = [stage.make_test_set(dataset, cfg, device) for dataset in datasets]
     results = stage.evaluate_test_sets(model, test_sets, cfg, device)
     publish(results, f"{args.model} (test)", args.json)

@@ -24,7 +24,7 @@ from uda.data.images import ImageCache
 from uda.datasets import ReIDDataset, load_dataset
 from uda.datasets.base import ImageRecord, relabel_train, subset_identities
 from uda.datasets.synthetic import PRESET_NAMES
-from uda.distributed import DistInfo, barrier
+from uda.distributed import DistInfo, barrier, pick_device
 from uda.engine import SCHEDULES, Schedule
 from uda.errors import ConfigError, DatasetError, UdaError
 from uda.evaluation.distance import METRICS, pairwise_distance
@@ -408,6 +408,18 @@ def load_trained_model(path: str | Path, opts: list[str] | tuple = ()) -> tuple[
     model = build_reid_model(cfg, pretrained="none")
     load_model_weights(model, saved, path)
     return model, cfg
+
+
+def inference_model(path: str | Path, opts: list[str] | tuple = (), data_root: str | None = None) -> tuple[ReIDModel, Config, torch.device]:
+    """load_trained_model (with data.root=`data_root` when given) in eval mode on the device the config
+    picks, channels_last when the run trained so: how evaluate.py, uda.visualize and uda.cluster_sweep
+    hold a saved model, so that all three compute the features the run's own evaluation did."""
+    model, cfg = load_trained_model(path, ([f"data.root={data_root}"] if data_root else []) + list(opts))
+    device = pick_device(DistInfo(), cfg.device)
+    model = model.to(device).eval()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, cfg, device
 
 
 # What a saved model's weights mean: a model loaded under other values computes other features even

@@ -103,15 +103,11 @@ def cluster_rows(labels: np.ndarray, paths: list[str], true_ids: np.ndarray, cho
 
 def ranks(args: argparse.Namespace) -> Path:
     from uda import stage
-    from uda.distributed import DistInfo, pick_device
     from uda.evaluation.distance import pairwise_distance
 
-    opts = ([f"data.root={args.data_root}"] if args.data_root else []) + list(args.opts)
-    model, cfg = stage.load_trained_model(args.model, opts)
-    device = pick_device(DistInfo(), cfg.device)
+    model, cfg, device = stage.inference_model(args.model, args.opts, args.data_root)
     dataset = stage.load_named_dataset(args.dataset, cfg, "test")
     test_set = stage.make_test_set(dataset, cfg, device)
-    model = model.to(device)
     qf, gf = stage.test_set_features(model, test_set, cfg, stage.amp_dtype(cfg, device))
     dist = pairwise_distance(qf, gf, metric=cfg.eval.metric, device=device).cpu()
     rng = np.random.default_rng(args.seed)
