@@ -4,7 +4,7 @@
         [--eps 0.4 0.45 0.5 0.55 0.6] [--min-samples 4] [--k1 30] [--k2 6] [--camera-normalize] [--out sweep.json]
 
 The clustering step of adapt.py, once per setting, on the dataset's train split as the model sees it
-(its saved preprocessing, eval.flip): the features and the Jaccard distances are computed once, then
+(its saved preprocessing, eval.flip; adapt's own `memory_features`): the features and the Jaccard distances are computed once, then
 DBSCAN runs for each eps x min_samples. It prints a row per setting: the cluster count, the outlier
 fraction, and, when the train split has ids, agreement with them (NMI, ARI, pairwise precision and
 recall; `uda.cluster.cluster_stats`). Pick settings on a validation pair (one whose labels you may
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from uda import stage
+from uda.adapt import memory_features
 from uda.cli import run_main
 from uda.cluster import cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
 from uda.errors import ClusteringError, UdaError
-from uda.evaluation.features import extract_features
 
 
 def sweep(features: torch.Tensor, camids: torch.Tensor | None, true_ids: np.ndarray | None, *, eps: list[float],
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.camera_normalize and not dataset.has_cameras:
         raise UdaError(f"--camera-normalize needs camera ids, and {dataset.name} has none")
     records, images = stage.prepare_train_split(dataset.train, cfg, device)
-    features = extract_features(model, stage.make_plain_loader(records, cfg, images), flip=cfg.eval.flip,
-                                normalize=True, amp_dtype=stage.amp_dtype(cfg, device), desc=f"{dataset.name} train")
+    features = memory_features(model, stage.make_plain_loader(records, cfg, images), cfg, device, f"{dataset.name} train")
     camids = torch.tensor([r.camid for r in records]) if args.camera_normalize else None
     true_ids = np.array([r.orig_pid for r in records]) if dataset.train_labelled else None
     rows = sweep(features, camids, true_ids, eps=args.eps, min_samples=args.min_samples, k1=args.k1, k2=args.k2, device=device)
