@@ -48,6 +48,21 @@ def test_an_empty_setting_list_is_refused():
         cluster_sweep.sweep(features, None, ids, eps=[], min_samples=[4])
 
 
+@pytest.mark.parametrize("eps, min_samples", [([0.5, 0.0], [2]), ([1.5], [2]), ([0.5], [0])])
+def test_out_of_range_settings_are_refused_not_reported_as_no_cluster(eps, min_samples):
+    features, ids = blobs()
+    with pytest.raises(UdaError, match=r"--eps values must lie in \(0, 1\)"):
+        cluster_sweep.sweep(features, None, ids, eps=eps, min_samples=min_samples, k1=10, k2=3, device="cpu")
+
+
+def test_scores_are_shown_when_the_first_setting_finds_no_cluster():
+    features, ids = blobs()
+    rows = cluster_sweep.sweep(features, None, ids, eps=[0.5], min_samples=[40, 2], k1=10, k2=3, device="cpu")
+    lines = cluster_sweep.format_rows(rows, num_ids=5).splitlines()
+    assert "ARI" in lines[0] and lines[1].split() == ["0.5", "40", "0", "1.000"]
+    assert lines[2].split()[4:6] == ["1.000", "1.000"]  # NMI, ARI of the setting that clusters
+
+
 def test_the_cli_reproduces_adapts_first_clustering(synth_root, source_model, tmp_path):
     """Epoch 1 of adapt.py clusters the source model's features: the sweep at its settings must agree exactly."""
     run_adapt(synth_root, source_model, tmp_path / "run", "optim.epochs=1")

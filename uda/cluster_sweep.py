@@ -40,6 +40,8 @@ def sweep(features: torch.Tensor, camids: torch.Tensor | None, true_ids: np.ndar
     """
     if not eps or not min_samples:
         raise UdaError("the sweep needs at least one eps and one min_samples")
+    if not all(0 < e < 1 for e in eps) or not all(m >= 1 for m in min_samples):  # so that a caught ClusteringError means "no cluster"
+        raise UdaError(f"--eps values must lie in (0, 1) (Jaccard distances) and --min-samples be >= 1, got eps {eps}, min_samples {min_samples}")
     grouped = remove_camera_means(features, camids) if camids is not None else features
     distances = jaccard_distance(grouped, k1=k1, k2=k2, device=device, max_distance=max(eps))
     rows = []
@@ -55,7 +57,7 @@ def sweep(features: torch.Tensor, camids: torch.Tensor | None, true_ids: np.ndar
 
 def format_rows(rows: list[dict], num_ids: int | None) -> str:
     header = f"{'eps':>5} {'min_s':>5} {'clusters':>8} {'outliers':>8}"
-    scored = "ari" in rows[0]
+    scored = any("ari" in r for r in rows)  # a setting without any cluster has no agreement to show
     if scored:
         header += f" {'NMI':>6} {'ARI':>6} {'prec':>6} {'recall':>6}"
     lines = [header + (f"   (true ids: {num_ids})" if num_ids else "")]
