@@ -1,7 +1,7 @@
 """Run an ablation grid (every variant x seed; finished runs skipped, cut ones resumed) and write its
 table (mean +- std of the last epoch, next to the source documents' figures) and plots.
 
-    python scripts/run_grid.py configs/ablations/<grid>.yaml --seeds 3 [--runs-dir runs/grid] [--only V ...] [--report-only]
+    python scripts/run_grid.py configs/ablations/<grid>.yaml --seeds 3 [--runs-dir runs/grid] [--only V ...] [--report-only] [--jobs N]
 
 See uda/grid.py for the grid file's format.
 """

@@ -1,6 +1,8 @@
 """uda.grid: the grid file, the plan (shared source models), skip-if-done and resume, the table's
 mean +- std from known runs, and the plots."""
 import json
+import threading
+import time
 
 import pytest
 
@@ -60,6 +62,50 @@ def test_finished_runs_are_skipped_and_cut_ones_resumed(grid_file, tmp_path):
     gridlib.run_grid(grid, [0], runs_dir, progress=lines.append, runner=lambda run, progress: ran.append((run.stage, run.started)))
     assert ran == [("adapt", True)]
     assert lines[0] == "grid toy: 2 runs, 1 done, 1 to run" and lines[1] == "[1/1] adapt base seed 0 (resumed)"
+
+
+def test_jobs_run_stages_side_by_side_each_adaptation_after_its_source_model(grid_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(gridlib.os, "cpu_count", lambda: 4)
+    grid = gridlib.load_grid(grid_file)
+    lock, events, live = threading.Lock(), [], []
+
+    def fake(run, progress):
+        with lock:
+            events.append(("start", run.folder, run.threads))
+            live.append(run.folder)
+            most = len(live)
+        time.sleep(0.05)
+        with lock:
+            live.remove(run.folder)
+            events.append(("end", run.folder, most))
+
+    runs = gridlib.run_grid(grid, [0, 1], tmp_path / "runs", progress=lambda line: None, runner=fake, jobs=2)
+    order = [(kind, folder) for kind, folder, _ in events]
+    for run in runs:
+        assert ("start", run.folder) in order
+        if run.after is not None:  # the adaptation starts only after its source model's stage ended
+            assert order.index(("end", run.after)) < order.index(("start", run.folder))
+    assert max(most for kind, _, most in events if kind == "end") == 2  # two at once, never more
+    assert {threads for kind, _, threads in events if kind == "start"} == {2}  # 4 cores / 2 jobs
+    assert gridlib.run_grid(grid, [0], tmp_path / "r1", progress=lambda line: None, runner=lambda run, progress: events.append(run.threads)) \
+        and events[-1] is None  # one job: the stage inherits the thread count
+
+
+def test_a_failed_run_stops_the_grid_with_its_message(grid_file, tmp_path):
+    grid = gridlib.load_grid(grid_file)
+    started = []
+
+    def fail_first_source(run, progress):
+        started.append(run.label)
+        if run.label == "source default seed 0":
+            raise ConfigError("pretrain of source default seed 0 failed (exit 1)")
+        time.sleep(0.2)  # the others outlast the failure
+
+    with pytest.raises(ConfigError, match="source default seed 0 failed"):
+        gridlib.run_grid(grid, [0, 1], tmp_path / "runs", progress=lambda line: None, runner=fail_first_source, jobs=2)
+    assert "base seed 0" not in started  # its source model failed: never started
+    assert started == ["source default seed 0", "source default seed 1"]  # nothing starts after the failure
 
 
 def write_run(folder, direct, adapted_by_epoch, clusters=None):

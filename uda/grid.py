@@ -1,7 +1,7 @@
 """An ablation grid: every variant x seed of an experiment, run (or skipped when done, resumed when cut),
 then summarised as mean +- std of the last epoch next to the source documents' figure for each row.
 
-    python scripts/run_grid.py configs/ablations/<grid>.yaml --seeds 3 [--runs-dir runs/grid] [--only NAME ...]
+    python scripts/run_grid.py configs/ablations/<grid>.yaml --seeds 3 [--runs-dir runs/grid] [--only NAME ...] [--jobs N]
 
 A grid file:
 
@@ -19,15 +19,21 @@ A grid file:
 
 Each seed has one source model per distinct `pretrain_opts` (shared by the variants that agree on them),
 under <runs-dir>/<name>/source/<key>/seed<s>; each variant's adaptation under <runs-dir>/<name>/<variant>/seed<s>.
-Every stage runs in its own process (`python uda/<stage>.py`), as a user would run it.
+Every stage runs in its own process (`python uda/<stage>.py`), as a user would run it. `--jobs N` runs N
+at once, each with OMP_NUM_THREADS = cores / N (or the OMP_NUM_THREADS given), an adaptation only once
+its source model is done: on a CPU several small runs at one thread each finish sooner than one after
+another at all threads. The thread count changes the numbers (BENCHMARKS.md), so one grid keeps one
+thread count (the table's machine line lists each one found).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -126,6 +132,8 @@ class Run:
     folder: Path
     argv: list[str]
     label: str  # for progress lines: "<variant> seed <s>"
+    after: Path | None = None  # the source model's folder, when this grid trains it: run only once that is done
+    threads: int | None = None  # OMP_NUM_THREADS of its process (None: inherited)
 
     @property
     def done(self) -> bool:
@@ -155,7 +163,7 @@ def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
                 "--config", grid.adapt_config, "--source", grid.source, "--target", grid.target,
                 "--init", str(init), "--output-dir", str(adapt_dir),
                 "--opts", *grid.opts, *variant.opts, f"seed={seed}",
-            ], f"{variant.name} seed {seed}"))
+            ], f"{variant.name} seed {seed}", after=None if grid.source_model else source_dir))
     return runs
 
 
@@ -194,8 +202,9 @@ EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) ")
 def run_stage(run: Run, progress: Callable[[str], None]) -> None:
     """Run one stage in its own process (resuming a cut one), relaying a progress line per epoch."""
     argv = [sys.executable, str(REPO / "uda" / f"{run.stage}.py"), *run.argv] + (["--resume"] if run.started else [])
+    env = {**os.environ, "OMP_NUM_THREADS": str(run.threads)} if run.threads else None
     start = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
     first_epoch = None  # a resumed run starts past epoch 1: its ETA counts the epochs this process ran
     for line in process.stdout:
@@ -211,22 +220,40 @@ def run_stage(run: Run, progress: Callable[[str], None]) -> None:
 
 
 def run_grid(grid: Grid, seeds: list[int], runs_dir: Path, progress: Callable[[str], None] = print,
-             runner: Callable[[Run, Callable[[str], None]], None] = run_stage) -> list[Run]:
+             runner: Callable[[Run, Callable[[str], None]], None] = run_stage, jobs: int = 1) -> list[Run]:
     """Run every stage not yet done (skipped when its model_final.pth exists, resumed when it has a
-    last.pth), with a progress line per run and an ETA for the grid from the runs' mean time so far."""
+    last.pth), `jobs` at a time, with a progress line per run and an ETA for the grid from the runs' mean
+    time so far. A failed run stops new ones from starting; those running finish first."""
     runs = plan(grid, seeds, runs_dir)
     for run in runs:
         if run.done or run.started:
             check_same_settings(run)
     todo = [r for r in runs if not r.done]
-    progress(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run")
+    progress(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run"
+             + (f", {jobs} at a time" if jobs > 1 else ""))
+    if jobs > 1:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))
+        for run in todo:
+            run.threads = threads
     times: list[float] = []
-    for index, run in enumerate(todo, start=1):
-        eta = f", grid ETA {np.mean(times) * (len(todo) - index + 1) / 60:.0f} min" if times else ""
-        progress(f"[{index}/{len(todo)}] {run.stage} {run.label}{' (resumed)' if run.started else ''}{eta}")
-        start = time.perf_counter()
-        runner(run, progress)
-        times.append(time.perf_counter() - start)
+    waiting, running = list(todo), {}  # running: future -> (run, start time)
+    with ThreadPoolExecutor(jobs) as pool:
+        while waiting or running:
+            unfinished = {r.folder for r in waiting} | {r.folder for r, _ in running.values()}
+            for run in [r for r in waiting if r.after not in unfinished][:jobs - len(running)]:
+                waiting.remove(run)
+                index = len(todo) - len(waiting)
+                eta = f", grid ETA {np.mean(times) * (len(waiting) + 1) / jobs / 60:.0f} min" if times else ""
+                progress(f"[{index}/{len(todo)}] {run.stage} {run.label}{' (resumed)' if run.started else ''}{eta}")
+                running[pool.submit(runner, run, progress)] = (run, time.perf_counter())
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                _, start = running.pop(future)
+                times.append(time.perf_counter() - start)
+                failure = future.exception()
+                if failure is not None:
+                    waiting.clear()  # start nothing new; the with-block waits for the running ones
+                    raise failure
     return runs
 
 
@@ -343,6 +370,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/grid"), help="where the runs go (default runs/grid)")
     parser.add_argument("--only", nargs="+", help="run and report only these variants")
     parser.add_argument("--report-only", action="store_true", help="write the table and plots from the runs there are")
+    parser.add_argument("--jobs", type=int, default=1, help="stages run at once, each with cores / jobs CPU threads (default 1)")
     args = parser.parse_args(argv)
     grid = load_grid(args.grid)
     if args.only:
@@ -352,10 +380,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         grid.variants = [v for v in grid.variants if v.name in args.only]
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     seeds = list(range(args.seeds))
     runs_dir = args.runs_dir.absolute()
     if not args.report_only:
-        run_grid(grid, seeds, runs_dir)
+        run_grid(grid, seeds, runs_dir, jobs=args.jobs)
     rows = summarise(grid, seeds, runs_dir)
     out_dir = runs_dir / grid.name
     out_dir.mkdir(parents=True, exist_ok=True)
