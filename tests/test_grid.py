@@ -36,17 +36,17 @@ def test_plan_shares_a_source_model_between_variants_with_the_same_pretrain_opts
     runs = gridlib.plan(grid, [0, 1], tmp_path / "runs")
     stages = [(r.stage, r.folder.relative_to(tmp_path / "runs").as_posix()) for r in runs]
     key = gridlib.source_key(grid.variants[2])
-    assert stages == [
-        ("pretrain", "toy/source/default/seed0"), ("adapt", "toy/base/seed0"),
-        ("pretrain", "toy/source/default/seed1"), ("adapt", "toy/base/seed1"),
-        ("adapt", "toy/T=1.0/seed0"), ("adapt", "toy/T=1.0/seed1"),
+    assert stages == [  # seed by seed: every variant's first seed before any second one
+        ("pretrain", "toy/source/default/seed0"), ("adapt", "toy/base/seed0"), ("adapt", "toy/T=1.0/seed0"),
         ("pretrain", f"toy/source/{key}/seed0"), ("adapt", "toy/no_erasing/seed0"),
+        ("pretrain", "toy/source/default/seed1"), ("adapt", "toy/base/seed1"), ("adapt", "toy/T=1.0/seed1"),
         ("pretrain", f"toy/source/{key}/seed1"), ("adapt", "toy/no_erasing/seed1"),
     ]
-    t1 = runs[4].argv
+    t1 = runs[2].argv
     assert t1[-3:] == ["data.synth_preset=tiny", "model.temperature=1.0", "seed=0"]
     assert t1[t1.index("--init") + 1].endswith("toy/source/default/seed0/model_final.pth")
-    assert runs[6].argv[-2:] == ["data.erasing_p=0", "seed=0"]
+    assert runs[3].argv[-2:] == ["data.erasing_p=0", "seed=0"]
+    assert runs[2].after == runs[0].folder and runs[4].after == runs[3].folder
 
 
 def test_finished_runs_are_skipped_and_cut_ones_resumed(grid_file, tmp_path):
@@ -105,7 +105,8 @@ def test_a_failed_run_stops_the_grid_with_its_message(grid_file, tmp_path):
     with pytest.raises(ConfigError, match="source default seed 0 failed"):
         gridlib.run_grid(grid, [0, 1], tmp_path / "runs", progress=lambda line: None, runner=fail_first_source, jobs=2)
     assert "base seed 0" not in started  # its source model failed: never started
-    assert started == ["source default seed 0", "source default seed 1"]  # nothing starts after the failure
+    key = gridlib.source_key(grid.variants[2])
+    assert started == ["source default seed 0", f"source {key} seed 0"]  # the two ready ones; nothing starts after the failure
 
 
 def write_run(folder, direct, adapted_by_epoch, clusters=None):

@@ -145,11 +145,12 @@ class Run:
 
 
 def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
-    """Every stage to run, in order: each source model before the adaptations that start from it."""
+    """Every stage to run, in order: seed by seed (a grid cut short still has every variant at its first
+    seeds), each source model before the adaptations that start from it."""
     runs: list[Run] = []
     planned: set[Path] = set()
-    for variant in grid.variants:
-        for seed in seeds:
+    for seed in seeds:
+        for variant in grid.variants:
             source_dir = runs_dir / grid.name / "source" / source_key(variant) / f"seed{seed}"
             init = Path(grid.source_model) if grid.source_model else source_dir / FINAL_MODEL
             if not grid.source_model and source_dir not in planned:
