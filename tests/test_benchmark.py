@@ -22,6 +22,20 @@ def test_ratio_is_how_many_times_better_ours_is():
     assert benchmark.cell({"error": "no compiler"}, "images/s") == "failed: no compiler"
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak mark is reset through Linux's /proc")
+def test_a_steps_peak_memory_counts_even_when_set_up_peaked_higher():
+    import numpy as np
+
+    def allocate(gb):  # touched pages, freed at return
+        return float(np.ones(int(gb * 1e9) // 8).sum())
+
+    allocate(0.6)  # set-up: the process's peak so far
+    mark = benchmark._memory_mark()
+    allocate(0.3)  # the step: below the old peak, so the old peak-rise measure said +0.00
+    step = benchmark._peak_rss_gb() - mark
+    assert 0.28 < step < 0.45
+
+
 def test_plan_has_every_case_and_full_adds_msmt_size():
     cases = {row["case"] for row in benchmark.plan(quick=False, full=False, device="cpu")}
     assert cases == {"cluster", "evaluate", "rerank", "pipeline", "train", "extract"}
