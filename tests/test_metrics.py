@@ -119,6 +119,19 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     np.testing.assert_array_equal(chunked["cmc"], whole["cmc"])
 
 
+@pytest.mark.parametrize("threads, num_rows", [(1, 5), (2, 5), (3, 2), (4, 1)])
+def test_rows_sorted_in_blocks_side_by_side_equal_one_sort(threads, num_rows):
+    keys = torch.from_numpy(np.random.default_rng(0).integers(-2**62, 2**62, size=(num_rows, 1000)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sorted_rows = metrics._sort_rows(keys)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(sorted_rows.numpy(), np.sort(keys.numpy(), axis=1))
+    assert not np.array_equal(keys.numpy(), sorted_rows.numpy())  # the input is left as it was
+
+
 def test_accepts_tensors_lists_and_float64():
     distmat, q_pids, g_pids, q_cams, g_cams = random_protocol(6)
     expected = evaluate(distmat, q_pids, g_pids, q_cams, g_cams)
