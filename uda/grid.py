@@ -21,8 +21,8 @@ Each seed has one source model per distinct `pretrain_opts` (shared by the varia
 under <runs-dir>/<name>/source/<key>/seed<s>; each variant's adaptation under <runs-dir>/<name>/<variant>/seed<s>.
 Every stage runs in its own process (`python uda/<stage>.py`), as a user would run it. `--jobs N` runs N
 at once, each with OMP_NUM_THREADS = cores / N (or the OMP_NUM_THREADS given), an adaptation only once
-its source model is done: on a CPU several small runs at one thread each finish sooner than one after
-another at all threads. The thread count changes the numbers (BENCHMARKS.md), so one grid keeps one
+its source model is done: small runs use a CPU's threads poorly, so several side by side at one thread
+each can finish a grid sooner than one after another at all threads. The thread count changes the numbers (BENCHMARKS.md), so one grid keeps one
 thread count (the table's machine line lists each one found).
 """
 from __future__ import annotations
