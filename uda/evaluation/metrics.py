@@ -23,8 +23,8 @@ from uda.errors import UdaError
 APDefinition = Literal["noninterp", "trapezoid"]
 AP_DEFINITIONS: tuple[str, ...] = ("noninterp", "trapezoid")
 
-# Rows per chunk are chosen so one chunk holds about this many (query, gallery) pairs: its int64
-# ranking keys, their sorted copy and one boolean mask stay under 80 MB whatever the gallery size.
+# Rows per chunk are chosen so one chunk holds about this many (query, gallery) pairs: its float32
+# distances, their sorted copy and one boolean mask stay under 40 MB whatever the gallery size.
 _PAIRS_PER_CHUNK = 1 << 22
 # Pads rows of ranking keys; above every real key (the largest is +inf's bits << 32 | index).
 _PAD_KEY = torch.iinfo(torch.int64).max
