@@ -15,7 +15,8 @@ Cases (sizes: default / --quick; --full adds MSMT17's 126,441 for clustering):
   evaluate   a Market-size test set (3,368 x 19,732): a per-query numpy loop (baselines/literal_metrics.py) vs ours
   rerank     k-reciprocal re-ranking: the published numpy algorithm (baselines/literal_rerank.py) vs ours
              at a size it does within a minute, and ours alone at Market size
-  pipeline   training batches (P x K = 16 x 4, augmented) per second: per-image DataLoader vs device pipeline
+  pipeline   training batches (P x K = 16 x 4, augmented) per second: per-image DataLoader vs device pipeline,
+             on the CPU demo's synthetic images at 64x32 (and real Market JPEGs at 128x64 when there are some)
   train      one training step (64 images, forward + backward + Adam), images/s, per backbone of our
              configs: fp32 (usual) vs channels_last, and bf16 autocast / torch.compile on top of channels_last
   extract    feature extraction images/s (batch 128, eval mode), same backbones and modes
@@ -146,15 +147,14 @@ def measure_rerank(variant: str, num_query: int, num_gallery: int, device: str) 
             "checksum": float(np.asarray(out, dtype=np.float64)[:4, :4].sum())}
 
 
-def measure_pipeline(variant: str, num_ids: int, epochs: int, preset: str, device: str) -> dict:
+def measure_pipeline(variant: str, num_ids: int, epochs: int, preset: str, device: str, real: bool, height: int, width: int) -> dict:
     from uda import pretrain, stage
     from uda.config import load_config
 
-    real = os.environ.get("UDA_REAL_DATA")
     with tempfile.TemporaryDirectory() as tmp:
-        name, root = ("market", real) if real else ("synth_market", tmp)
+        name, root = ("market", os.environ["UDA_REAL_DATA"]) if real else ("synth_market", tmp)
         cfg = load_config(pretrain.DEFAULTS, None, [
-            f"data.pipeline={'loader' if variant == 'usual' else 'device'}", "data.height=128", "data.width=64", f"data.root={root}",
+            f"data.pipeline={'loader' if variant == 'usual' else 'device'}", f"data.height={height}", f"data.width={width}", f"data.root={root}",
             f"data.num_workers={os.cpu_count()}", f"device={device}", f"data.synth_preset={preset}", f"data.subset_ids={num_ids}"])
         dataset = stage.load_named_dataset(name, cfg, "source")
         start = time.perf_counter()
@@ -256,9 +256,14 @@ def plan(quick: bool, full: bool, device: str) -> list[dict]:
     if not quick:
         rows.append({"case": "rerank", "size": "3,368 x 19,732 (Market)", "unit": "s", "usual": None,
                      "ours": ("rerank", {"variant": "ours", "num_query": 3368, "num_gallery": 19732, "device": device})})
-    pipeline = {"num_ids": 16 if quick else 0, "epochs": 1 if quick else 2, "preset": "tiny" if quick else "small", "device": device}
-    rows.append({"case": "pipeline", "size": "128x64, P x K = 16 x 4, " + ("Market-1501 JPEGs" if os.environ.get("UDA_REAL_DATA") else "synthetic"),
-                 "unit": "images/s", "usual": ("pipeline", {"variant": "usual", **pipeline}), "ours": ("pipeline", {"variant": "ours", **pipeline})})
+    # the CPU demo's images (synthetic, 64x32), and real Market JPEGs at our ImageNet CPU configs' 128x64 when there are some
+    sources = [(False, 64, 32, f"synthetic {'tiny' if quick else 'small'} (the CPU demo)")]
+    sources += [(True, 128, 64, "Market-1501 JPEGs")] if os.environ.get("UDA_REAL_DATA") and not quick else []
+    for real, height, width, what in sources:
+        pipeline = {"num_ids": 16 if quick else 0, "epochs": 1 if quick else 2, "preset": "tiny" if quick else "small", "device": device,
+                    "real": real, "height": height, "width": width}
+        rows.append({"case": "pipeline", "size": f"{height}x{width}, P x K = 16 x 4, {what}", "unit": "images/s",
+                     "usual": ("pipeline", {"variant": "usual", **pipeline}), "ours": ("pipeline", {"variant": "ours", **pipeline})})
     backbones = [("resnet18_w16", 64, 32)] if quick else BACKBONES
     modes = ("channels_last", "bf16") if quick else MODES[1:]
     for case, count in (("train", 1 if quick else 3), ("extract", 1 if quick else 4)):

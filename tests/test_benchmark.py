@@ -45,6 +45,17 @@ def test_plan_has_every_case_and_full_adds_msmt_size():
     assert len([r for r in rows if r["case"] == "train"]) == 3 * 3  # 3 backbones x (channels_last, bf16, compile) vs fp32
 
 
+def test_pipeline_rows_are_the_demos_images_and_real_jpegs_when_there_are_some(monkeypatch):
+    def pipeline_rows():
+        return [(r["size"], r["ours"][1]["real"], r["ours"][1]["height"]) for r in benchmark.plan(False, False, "cpu") if r["case"] == "pipeline"]
+
+    monkeypatch.delenv("UDA_REAL_DATA", raising=False)
+    assert pipeline_rows() == [("64x32, P x K = 16 x 4, synthetic small (the CPU demo)", False, 64)]
+    monkeypatch.setenv("UDA_REAL_DATA", "/data")
+    assert [row[1:] for row in pipeline_rows()] == [(False, 64), (True, 128)]
+    assert [r["size"] for r in benchmark.plan(True, False, "cpu") if r["case"] == "pipeline"] == ["64x32, P x K = 16 x 4, synthetic tiny (the CPU demo)"]
+
+
 @pytest.mark.timeout(600)
 def test_quick_run_fills_the_whole_table(tmp_path, monkeypatch):
     monkeypatch.delenv("UDA_REAL_DATA", raising=False)  # synthetic images: fast and the same everywhere
