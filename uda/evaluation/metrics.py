@@ -125,7 +125,7 @@ def _score_queries(
     binary search in the sorted row, plus, for a distance shared with other items (a tie), how many of
     those come earlier in the gallery.
     """
-    num_queries, num_gallery = dist.shape
+    num_queries = dist.shape[0]
     dist = dist.float() + 0.0  # + 0.0 turns -0.0 into +0.0: they compare equal
     sorted_dist = _sort_rows(dist)
 
@@ -193,13 +193,13 @@ def _items_before(dist: torch.Tensor, sorted_dist: torch.Tensor, item: torch.Ten
     return below
 
 
-def _sort_rows(keys: torch.Tensor) -> torch.Tensor:
+def _sort_rows(values: torch.Tensor) -> torch.Tensor:
     """Each row sorted ascending. On the CPU numpy's SIMD sort is about 8x faster than torch's, but it
     runs on one thread; it releases the GIL, so blocks of rows are sorted side by side, one per torch
     thread (the sort is most of an evaluation's time)."""
-    if keys.device.type != "cpu":
-        return torch.sort(keys, dim=1).values
-    rows = keys.numpy()
+    if values.device.type != "cpu":
+        return torch.sort(values, dim=1).values
+    rows = values.numpy()
     out = np.empty_like(rows)
     blocks = [block for block in np.array_split(np.arange(len(rows)), torch.get_num_threads()) if len(block)]
 
