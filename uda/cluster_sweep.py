@@ -40,7 +40,8 @@ def sweep(features: torch.Tensor, camids: torch.Tensor | None, true_ids: np.ndar
     """
     if not eps or not min_samples:
         raise UdaError("the sweep needs at least one eps and one min_samples")
-    if not all(0 < e < 1 for e in eps) or not all(m >= 1 for m in min_samples):  # so that a caught ClusteringError means "no cluster"
+    eps_ok, min_samples_ok = stage.RANGES["cluster.eps"][0], stage.RANGES["cluster.min_samples"][0]  # adapt's own bounds
+    if not all(map(eps_ok, eps)) or not all(map(min_samples_ok, min_samples)):  # so that a caught ClusteringError means "no cluster"
         raise UdaError(f"--eps values must lie in (0, 1) (Jaccard distances) and --min-samples be >= 1, got eps {eps}, min_samples {min_samples}")
     grouped = remove_camera_means(features, camids) if camids is not None else features
     distances = jaccard_distance(grouped, k1=k1, k2=k2, device=device, max_distance=max(eps))

@@ -22,8 +22,8 @@ under <runs-dir>/<name>/source/<key>/seed<s>; each variant's adaptation under <r
 Every stage runs in its own process (`python uda/<stage>.py`), as a user would run it. `--jobs N` runs N
 at once, each with OMP_NUM_THREADS = cores / N (or the OMP_NUM_THREADS given), an adaptation only once
 its source model is done: small runs use a CPU's threads poorly, so several side by side at one thread
-each can finish a grid sooner than one after another at all threads. The thread count changes the numbers (BENCHMARKS.md), so one grid keeps one
-thread count (the table's machine line lists each one found).
+each can finish a grid sooner than one after another at all threads. The thread count changes the
+numbers (BENCHMARKS.md), so one grid keeps one thread count (the table's machine line lists each one found).
 """
 from __future__ import annotations
 
