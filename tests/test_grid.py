@@ -17,6 +17,7 @@ target: synth_duke
 pretrain_config: configs/pretrain/synth_market.yaml
 adapt_config: configs/uda/synth_market2synth_duke.yaml
 opts: [data.synth_preset=tiny]
+adapt_opts: [adapt.iters=5]
 variants:
   base: {documents: "82.8"}
   T=1.0: {opts: [model.temperature=1.0], documents: "31.7"}
@@ -43,9 +44,9 @@ def test_plan_shares_a_source_model_between_variants_with_the_same_pretrain_opts
         ("pretrain", f"toy/source/{key}/seed1"), ("adapt", "toy/no_erasing/seed1"),
     ]
     t1 = runs[2].argv
-    assert t1[-3:] == ["data.synth_preset=tiny", "model.temperature=1.0", "seed=0"]
+    assert t1[-4:] == ["data.synth_preset=tiny", "adapt.iters=5", "model.temperature=1.0", "seed=0"]  # adapt_opts: adaptations only
     assert t1[t1.index("--init") + 1].endswith("toy/source/default/seed0/model_final.pth")
-    assert runs[3].argv[-2:] == ["data.erasing_p=0", "seed=0"]
+    assert runs[3].argv[-3:] == ["data.synth_preset=tiny", "data.erasing_p=0", "seed=0"]
     assert runs[2].after == runs[0].folder and runs[4].after == runs[3].folder
 
 
@@ -176,7 +177,7 @@ def test_every_shipped_grid_variant_passes_both_stages_config_checks(path):
     for variant in grid.variants:
         source_cfg = load_config(pretrain.DEFAULTS, gridlib.REPO / grid.pretrain_config, grid.opts + grid.pretrain_opts + variant.pretrain_opts)
         stage.check_settings(source_cfg)
-        cfg = load_config(adapt.DEFAULTS, gridlib.REPO / grid.adapt_config, grid.opts + variant.opts)
+        cfg = load_config(adapt.DEFAULTS, gridlib.REPO / grid.adapt_config, grid.opts + grid.adapt_opts + variant.opts)
         stage.check_settings(cfg)
         adapt.check_adapt_settings(cfg)
         if not grid.source_model:  # the source model each variant's adaptation will load must fit it

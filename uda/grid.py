@@ -11,6 +11,8 @@ A grid file:
     pretrain_config: configs/pretrain/synth_market.yaml
     adapt_config: configs/uda/synth_market2synth_duke.yaml
     opts: [data.synth_preset=small]    # --opts of both stages, every variant
+    pretrain_opts: [optim.epochs=10]   # optional: --opts of the source stage only / of the adaptation only
+    adapt_opts: [optim.epochs=3]
     source_model: PATH                 # optional: every seed adapts from this model (no pretraining;
                                        # the seed then varies the adaptation only)
     variants:                          # in table order; opts / pretrain_opts add to the shared ones
@@ -46,8 +48,8 @@ from uda.report import collect
 from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, check_resumable, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-GRID_KEYS = {"name", "source", "target", "pretrain_config", "adapt_config", "opts", "pretrain_opts", "variants", "description",
-             "source_model"}
+GRID_KEYS = {"name", "source", "target", "pretrain_config", "adapt_config", "opts", "pretrain_opts", "adapt_opts", "variants",
+             "description", "source_model"}
 VARIANT_KEYS = {"opts", "pretrain_opts", "documents"}
 METRICS = ("mAP", "rank1", "rank5", "rank10")
 
@@ -72,6 +74,7 @@ class Grid:
     variants: list[Variant]
     description: str = ""
     source_model: str | None = None
+    adapt_opts: list[str] = field(default_factory=list)  # adapt --opts of every variant, after the shared ones
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -105,7 +108,7 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"{path}: a variant with pretrain_opts needs its own source model; remove source_model or those pretrain_opts")
     return Grid(data["name"], data["source"], data["target"], data["pretrain_config"], data["adapt_config"],
                 list(data.get("opts", [])), list(data.get("pretrain_opts", [])), variants, str(data.get("description", "")),
-                data.get("source_model"))
+                data.get("source_model"), list(data.get("adapt_opts", [])))
 
 
 def resolve(value: str) -> str:
@@ -163,7 +166,7 @@ def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
             runs.append(Run("adapt", adapt_dir, [
                 "--config", grid.adapt_config, "--source", grid.source, "--target", grid.target,
                 "--init", str(init), "--output-dir", str(adapt_dir),
-                "--opts", *grid.opts, *variant.opts, f"seed={seed}",
+                "--opts", *grid.opts, *grid.adapt_opts, *variant.opts, f"seed={seed}",
             ], f"{variant.name} seed {seed}", after=None if grid.source_model else source_dir))
     return runs
 
