@@ -1,5 +1,6 @@
 """uda.grid: the grid file, the plan (shared source models), skip-if-done and resume, the table's
 mean +- std from known runs, and the plots."""
+import argparse
 import json
 import threading
 import time
@@ -224,3 +225,12 @@ def test_a_run_made_with_other_settings_is_refused_not_summarised(grid_file, tmp
     grid.variants[0].opts = ["model.temperature=0.5"]  # the grid file edited since
     with pytest.raises(ConfigError, match=r"adapt of T=1.0 seed 0: .*model.temperature: 1.0 -> 0.5.*delete .*T=1.0/seed0"):
         gridlib.run_grid(grid, [0], tmp_path / "runs", progress=lambda line: None, runner=None)
+
+
+def test_seeds_are_a_count_or_a_range():
+    assert gridlib.parse_seeds("3") == [0, 1, 2]
+    assert gridlib.parse_seeds("1-2") == [1, 2]
+    assert gridlib.parse_seeds("2-2") == [2]
+    for bad in ("0", "2-1", "x", "-1", "1-"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gridlib.parse_seeds(bad)

@@ -1,7 +1,7 @@
 """An ablation grid: every variant x seed of an experiment, run (or skipped when done, resumed when cut),
 then summarised as mean +- std of the last epoch next to the source documents' figure for each row.
 
-    python scripts/run_grid.py configs/ablations/<grid>.yaml --seeds 3 [--runs-dir runs/grid] [--only NAME ...] [--jobs N]
+    python scripts/run_grid.py configs/ablations/<grid>.yaml --seeds 3|A-B [--runs-dir runs/grid] [--only NAME ...] [--jobs N]
 
 A grid file:
 
@@ -29,6 +29,7 @@ numbers (BENCHMARKS.md), so one grid keeps one thread count (the table's machine
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -365,12 +366,23 @@ def machines(grid: Grid, seeds: list[int], runs_dir: Path) -> str:
     return "Machine: " + "; ".join(seen) + "." if seen else ""
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    import argparse
+def parse_seeds(text: str) -> list[int]:
+    """--seeds N (seeds 0..N-1) or A-B (seeds A..B, both included)."""
+    first, dash, last = text.partition("-")
+    try:
+        seeds = list(range(int(first), int(last) + 1)) if dash else list(range(int(first)))
+    except ValueError:
+        seeds = []
+    if not seeds or seeds[0] < 0:
+        raise argparse.ArgumentTypeError(f"a count N >= 1 or a range A-B with 0 <= A <= B, not {text!r}")
+    return seeds
 
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", help="a grid file, e.g. configs/ablations/temperature.yaml")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
+    parser.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2],
+                        help="N: seeds 0..N-1 per variant (default 3); A-B: seeds A..B, e.g. the ones another machine has not run")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/grid"), help="where the runs go (default runs/grid)")
     parser.add_argument("--only", nargs="+", help="run and report only these variants")
     parser.add_argument("--report-only", action="store_true", help="write the table and plots from the runs there are")
@@ -382,11 +394,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if unknown:
             raise ConfigError(f"--only {sorted(unknown)}: not variants of {grid.name} ({', '.join(v.name for v in grid.variants)})")
         grid.variants = [v for v in grid.variants if v.name in args.only]
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    seeds = list(range(args.seeds))
+    seeds = args.seeds
     runs_dir = args.runs_dir.absolute()
     if not args.report_only:
         run_grid(grid, seeds, runs_dir, jobs=args.jobs)
