@@ -12,8 +12,6 @@ seed gives other floating-point results with another thread count, and training 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from uda.grid import Run, run_stage  # noqa: E402
 from uda.report import collect  # noqa: E402
 from uda.runlog import FINAL_MODEL  # noqa: E402
 
@@ -30,13 +29,11 @@ TINY_ADAPT = ["optim.epochs=5", "optim.milestones=[10]", "adapt.iters=20", "clus
 
 
 def stage(script: str, argv: list[str], threads: int, folder: Path) -> None:
-    if (folder / FINAL_MODEL).is_file():
-        return
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([sys.executable, str(REPO / "uda" / script), *argv, "--output-dir", str(folder)] + (["--resume"] if (folder / "last.pth").is_file() else []),
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{script} {folder} failed:\n{done.stderr[-2000:]}")
+    """One stage in its own process with OMP_NUM_THREADS = threads, as the grid runs one (skipped when
+    done, resumed when cut)."""
+    run = Run(script, folder, [*argv, "--output-dir", str(folder)], str(folder), threads=threads)
+    if not run.done:
+        run_stage(run, progress=lambda line: None)
 
 
 def main() -> None:
@@ -56,9 +53,9 @@ def main() -> None:
     for seed in range(args.seeds):
         for threads in args.threads:
             base = args.runs_dir.absolute() / tag / f"threads{threads}" / f"seed{seed}"
-            stage("pretrain.py", ["--config", "configs/pretrain/synth_market.yaml", "--source", "synth_market", "--target", "synth_duke",
+            stage("pretrain", ["--config", "configs/pretrain/synth_market.yaml", "--source", "synth_market", "--target", "synth_duke",
                                   "--opts", *common, *pretrain_extra, f"seed={seed}"], threads, base / "source")
-            stage("adapt.py", ["--config", "configs/uda/synth_market2synth_duke.yaml", "--source", "synth_market", "--target", "synth_duke",
+            stage("adapt", ["--config", "configs/uda/synth_market2synth_duke.yaml", "--source", "synth_market", "--target", "synth_duke",
                                "--init", str(base / "source" / FINAL_MODEL), "--opts", *common, *adapt_extra, f"seed={seed}"], threads, base / "adapt")
             table.setdefault(seed, {})[threads] = collect(base / "adapt", "synth_duke")["adapted"]["mAP"]
             print(f"seed {seed} threads {threads}: adapted mAP {100 * table[seed][threads]:.1f}", flush=True)
