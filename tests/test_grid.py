@@ -131,10 +131,14 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     assert rows[0]["seeds"] == 2 and rows[0]["mAP"] == pytest.approx((0.45, 0.0707107), abs=1e-6)  # last epoch: 0.40, 0.50
     assert rows[0]["direct"] == pytest.approx((0.21, 0.0141421), abs=1e-6)
     assert rows[1]["seeds"] == 1 and rows[1]["mAP"] == (0.25, 0.0)  # one seed: no spread
+    assert rows[1]["vs_first"] == pytest.approx((-0.15, 0.0, 1))  # paired with base's seed 0 (0.40) only
     assert rows[2] == {"name": "no_erasing", "documents": "", "seeds": 0}
     table = gridlib.markdown(grid, rows, "Machine: test.")
-    assert "| base | 2 | 21.0 +- 1.4 | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 82.8 |" in table
-    assert "| no_erasing | 0 | - | - | - | - | - | - |" in table and "Machine: test." in table
+    assert "| base | 2 | 21.0 +- 1.4 | 45.0 +- 7.1 | - | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 82.8 |" in table
+    assert "| T=1.0 | 1 | 20.0 +- 0.0 | 25.0 +- 0.0 | -15.0 +- 0.0 (1) |" in table
+    assert "| no_erasing | 0 | - | - | - | - | - | - | - |" in table and "Machine: test." in table
+    write_run(runs_dir / "toy" / "T=1.0" / "seed1", 0.22, {2: 0.45})  # differences -0.15, -0.05: the seeds' spread cancels
+    assert gridlib.summarise(grid, [0, 1], runs_dir)[1]["vs_first"] == pytest.approx((-0.10, 0.0707107, 2), abs=1e-6)
     curves = gridlib.curves(grid, [0, 1], runs_dir)
     assert curves["base"]["mAP"] == pytest.approx({0: 0.21, 1: 0.20, 2: 0.45})
     assert curves["base"]["clusters"] == {1: 10.0, 2: 20.0}

@@ -273,15 +273,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
     """One row per variant: the last epoch's target metrics (and direct transfer) over the seeds whose
-    adaptation finished, as {name, documents, seeds, direct: (mean, std), <metric>: (mean, std)}."""
-    rows = []
+    adaptation finished, as {name, documents, seeds, direct: (mean, std), <metric>: (mean, std)}, and for
+    every row after the first its paired mAP difference from the first (vs_first: (mean, std, seeds)):
+    the variants of one seed share its source model and data order, so the seed's noise largely cancels
+    in their difference, which a comparison of two rows' means would carry twice."""
+    rows, per_seed = [], []
     for variant in grid.variants:
-        results = [collect(runs_dir / grid.name / variant.name / f"seed{s}", grid.target) for s in seeds
-                   if (runs_dir / grid.name / variant.name / f"seed{s}" / FINAL_MODEL).is_file()]
+        folders = {s: runs_dir / grid.name / variant.name / f"seed{s}" for s in seeds}
+        results = {s: collect(folder, grid.target) for s, folder in folders.items() if (folder / FINAL_MODEL).is_file()}
         row = {"name": variant.name, "documents": variant.documents, "seeds": len(results)}
         if results:
-            row["direct"] = mean_std([r["direct"]["mAP"] for r in results])
-            row.update({metric: mean_std([r["adapted"][metric] for r in results]) for metric in METRICS})
+            row["direct"] = mean_std([r["direct"]["mAP"] for r in results.values()])
+            row.update({metric: mean_std([r["adapted"][metric] for r in results.values()]) for metric in METRICS})
+        per_seed.append({s: r["adapted"]["mAP"] for s, r in results.items()})
+        paired = sorted(set(per_seed[0]) & set(per_seed[-1])) if len(per_seed) > 1 else []
+        if paired:
+            row["vs_first"] = (*mean_std([per_seed[-1][s] - per_seed[0][s] for s in paired]), len(paired))
         rows.append(row)
     return rows
 
@@ -291,16 +298,20 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
     def cell(value: tuple[float, float] | None) -> str:
         return "-" if value is None else f"{100 * value[0]:.1f} +- {100 * value[1]:.1f}"
 
+    def paired(value: tuple[float, float, int] | None) -> str:
+        return "-" if value is None else f"{100 * value[0]:+.1f} +- {100 * value[1]:.1f} ({value[2]})"
+
     lines = [f"# Grid {grid.name}", ""]
     if grid.description:
         lines += [grid.description, ""]
     lines += [f"{grid.source} -> {grid.target}; target test set, last epoch; mean +- sample std over seeds."
               + (f" {machine}" if machine else ""), "",
-              "| variant | seeds | direct mAP | mAP | rank-1 | rank-5 | rank-10 | source documents |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"mAP - {rows[0]['name'] if rows else 'first'}: the paired difference per seed (mean +- std over the seeds both finished, their count).", "",
+              f"| variant | seeds | direct mAP | mAP | mAP - {rows[0]['name'] if rows else 'first'} | rank-1 | rank-5 | rank-10 | source documents |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('direct'))} | "
-                     + " | ".join(cell(row.get(m)) for m in METRICS) + f" | {row['documents'] or '-'} |")
+        lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('vs_first'))} | "
+                     + " | ".join(cell(row.get(m)) for m in METRICS[1:]) + f" | {row['documents'] or '-'} |")
     return "\n".join(lines) + "\n"
 
 
