@@ -238,3 +238,14 @@ def test_seeds_are_a_count_or_a_range():
     for bad in ("0", "2-1", "x", "-1", "1-"):
         with pytest.raises(argparse.ArgumentTypeError):
             gridlib.parse_seeds(bad)
+
+
+def test_machine_line_names_only_the_finished_runs(grid_file, tmp_path):
+    grid = gridlib.load_grid(grid_file)
+    runs_dir = tmp_path / "runs"
+    write_run(runs_dir / "toy" / "base" / "seed0", 0.2, {1: 0.3})
+    (runs_dir / "toy" / "base" / "seed0" / "version.txt").write_text("commit: abc\nthreads: 1\ncpu: X\ngpu: none\n")
+    cut = runs_dir / "toy" / "T=1.0" / "seed0"
+    cut.mkdir(parents=True)
+    (cut / "version.txt").write_text("commit: def\nthreads: 2\ncpu: Y\ngpu: none\n")  # stopped in its first epoch
+    assert gridlib.machines(grid, [0], runs_dir) == "Machine: X, gpu none, threads 1, commit abc."

@@ -363,14 +363,15 @@ def plot(curves_by_variant: dict, out_dir: Path, name: str) -> list[Path]:
 
 
 def machines(grid: Grid, seeds: list[int], runs_dir: Path) -> str:
-    """Where the adaptations ran, from their version.txt: CPU, GPU, threads, commit (each distinct one)."""
+    """Where the finished adaptations ran (the table's runs), from their version.txt: CPU, GPU, threads,
+    commit (each distinct one)."""
     seen = []
     for variant in grid.variants:
         for seed in seeds:
             path = runs_dir / grid.name / variant.name / f"seed{seed}" / "version.txt"
-            if path.is_file():
+            if path.is_file() and (path.parent / FINAL_MODEL).is_file():
                 fields = dict(line.split(": ", 1) for line in path.read_text().splitlines() if ": " in line)
-                line = (f"{fields.get('cpu', '?')}, gpu {fields.get('gpu', '?')}, {fields.get('threads', '?')} threads, "
+                line = (f"{fields.get('cpu', '?')}, gpu {fields.get('gpu', '?')}, threads {fields.get('threads', '?')}, "
                         f"commit {fields.get('commit', '?')[:12]}")
                 if line not in seen:
                     seen.append(line)
