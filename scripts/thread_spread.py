@@ -20,6 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from uda.cli import run_main  # noqa: E402
 from uda.grid import Run, run_stage  # noqa: E402
 from uda.report import collect  # noqa: E402
 from uda.runlog import FINAL_MODEL  # noqa: E402
@@ -36,14 +37,14 @@ def stage(script: str, argv: list[str], threads: int, folder: Path) -> None:
         run_stage(run, progress=lambda line: None)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--deterministic", action="store_true", help="deterministic=true in both stages")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/threads"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     common = [f"data.synth_preset={args.preset}", "device=cpu"] + (TINY if args.preset == "tiny" else [])
     common += ["deterministic=true"] if args.deterministic else []
     pretrain_extra = ["optim.epochs=12", "optim.warmup_epochs=2", "optim.milestones=[20]", "train.eval_every=12"] if args.preset == "tiny" else []
@@ -70,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a failed stage: its last lines, not a traceback

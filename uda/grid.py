@@ -148,6 +148,11 @@ class Run:
         return (self.folder / LAST_CHECKPOINT).is_file()
 
 
+def adapt_folder(grid: Grid, variant: Variant, seed: int, runs_dir: Path) -> Path:
+    """Where a variant's adaptation of one seed runs (and the table, plots and machine line read it)."""
+    return runs_dir / grid.name / variant.name / f"seed{seed}"
+
+
 def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
     """Every stage to run, in order: seed by seed (a grid cut short still has every variant at its first
     seeds), each source model before the adaptations that start from it."""
@@ -163,7 +168,7 @@ def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
                     "--config", grid.pretrain_config, "--source", grid.source, "--target", grid.target,
                     "--output-dir", str(source_dir), "--opts", *grid.opts, *grid.pretrain_opts, *variant.pretrain_opts, f"seed={seed}",
                 ], f"source {source_key(variant)} seed {seed}"))
-            adapt_dir = runs_dir / grid.name / variant.name / f"seed{seed}"
+            adapt_dir = adapt_folder(grid, variant, seed, runs_dir)
             runs.append(Run("adapt", adapt_dir, [
                 "--config", grid.adapt_config, "--source", grid.source, "--target", grid.target,
                 "--init", str(init), "--output-dir", str(adapt_dir),
@@ -277,18 +282,19 @@ def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
     every row after the first its paired mAP difference from the first (vs_first: (mean, std, seeds)):
     the variants of one seed share its source model and data order, so the seed's noise largely cancels
     in their difference, which a comparison of two rows' means would carry twice."""
-    rows, per_seed = [], []
+    rows, first_maps = [], None  # first_maps: the first row's mAP per seed
     for variant in grid.variants:
-        folders = {s: runs_dir / grid.name / variant.name / f"seed{s}" for s in seeds}
+        folders = {s: adapt_folder(grid, variant, s, runs_dir) for s in seeds}
         results = {s: collect(folder, grid.target) for s, folder in folders.items() if (folder / FINAL_MODEL).is_file()}
         row = {"name": variant.name, "documents": variant.documents, "seeds": len(results)}
         if results:
             row["direct"] = mean_std([r["direct"]["mAP"] for r in results.values()])
             row.update({metric: mean_std([r["adapted"][metric] for r in results.values()]) for metric in METRICS})
-        per_seed.append({s: r["adapted"]["mAP"] for s, r in results.items()})
-        paired = sorted(set(per_seed[0]) & set(per_seed[-1])) if len(per_seed) > 1 else []
-        if paired:
-            row["vs_first"] = (*mean_std([per_seed[-1][s] - per_seed[0][s] for s in paired]), len(paired))
+        maps = {s: r["adapted"]["mAP"] for s, r in results.items()}
+        if first_maps is None:
+            first_maps = maps
+        elif paired := sorted(set(first_maps) & set(maps)):
+            row["vs_first"] = (*mean_std([maps[s] - first_maps[s] for s in paired]), len(paired))
         rows.append(row)
     return rows
 
@@ -301,13 +307,14 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
     def paired(value: tuple[float, float, int] | None) -> str:
         return "-" if value is None else f"{100 * value[0]:+.1f} +- {100 * value[1]:.1f} ({value[2]})"
 
+    first = rows[0]["name"] if rows else "first"
     lines = [f"# Grid {grid.name}", ""]
     if grid.description:
         lines += [grid.description, ""]
     lines += [f"{grid.source} -> {grid.target}; target test set, last epoch; mean +- sample std over seeds."
               + (f" {machine}" if machine else ""), "",
-              f"mAP - {rows[0]['name'] if rows else 'first'}: the paired difference per seed (mean +- std over the seeds both finished, their count).", "",
-              f"| variant | seeds | direct mAP | mAP | mAP - {rows[0]['name'] if rows else 'first'} | rank-1 | rank-5 | rank-10 | source documents |",
+              f"mAP - {first}: the paired difference per seed (mean +- std over the seeds both finished, their count).", "",
+              f"| variant | seeds | direct mAP | mAP | mAP - {first} | rank-1 | rank-5 | rank-10 | source documents |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('vs_first'))} | "
@@ -321,7 +328,7 @@ def curves(grid: Grid, seeds: list[int], runs_dir: Path) -> dict[str, dict[str, 
     for variant in grid.variants:
         series: dict[str, dict[int, list[float]]] = {"mAP": {}, "clusters": {}, "nmi": {}}
         for seed in seeds:
-            path = runs_dir / grid.name / variant.name / f"seed{seed}" / "metrics.jsonl"
+            path = adapt_folder(grid, variant, seed, runs_dir) / "metrics.jsonl"
             for record in read_metrics(path) if path.is_file() else []:
                 epoch = record["epoch"]
                 if grid.target in record:
@@ -368,7 +375,7 @@ def machines(grid: Grid, seeds: list[int], runs_dir: Path) -> str:
     seen = []
     for variant in grid.variants:
         for seed in seeds:
-            path = runs_dir / grid.name / variant.name / f"seed{seed}" / "version.txt"
+            path = adapt_folder(grid, variant, seed, runs_dir) / "version.txt"
             if path.is_file() and (path.parent / FINAL_MODEL).is_file():
                 fields = dict(line.split(": ", 1) for line in path.read_text().splitlines() if ": " in line)
                 line = (f"{fields.get('cpu', '?')}, gpu {fields.get('gpu', '?')}, threads {fields.get('threads', '?')}, "
