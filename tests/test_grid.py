@@ -134,9 +134,10 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     assert rows[1]["vs_first"] == pytest.approx((-0.15, 0.0, 1))  # paired with base's seed 0 (0.40) only
     assert rows[2] == {"name": "no_erasing", "documents": "", "seeds": 0}
     table = gridlib.markdown(grid, rows, "Machine: test.")
-    assert "| base | 2 | 21.0 +- 1.4 | 45.0 +- 7.1 | - | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 82.8 |" in table
-    assert "| T=1.0 | 1 | 20.0 +- 0.0 | 25.0 +- 0.0 | -15.0 +- 0.0 (1) |" in table
-    assert "| no_erasing | 0 | - | - | - | - | - | - | - |" in table and "Machine: test." in table
+    assert rows[0]["per_seed"] == pytest.approx({0: 0.40, 1: 0.50}) and rows[1]["per_seed"] == {0: 0.25}
+    assert "| base | 2 | 21.0 +- 1.4 | 45.0 +- 7.1 | - | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 0: 40.0, 1: 50.0 | 82.8 |" in table
+    assert "| T=1.0 | 1 | 20.0 +- 0.0 | 25.0 +- 0.0 | -15.0 +- 0.0 (1) |" in table and "| 0: 25.0 | 31.7 |" in table
+    assert "| no_erasing | 0 | - | - | - | - | - | - | - | - |" in table and "Machine: test." in table
     write_run(runs_dir / "toy" / "T=1.0" / "seed1", 0.22, {2: 0.45})  # differences -0.15, -0.05: the seeds' spread cancels
     assert gridlib.summarise(grid, [0, 1], runs_dir)[1]["vs_first"] == pytest.approx((-0.10, 0.0707107, 2), abs=1e-6)
     curves = gridlib.curves(grid, [0, 1], runs_dir)

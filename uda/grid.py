@@ -281,16 +281,18 @@ def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
     adaptation finished, as {name, documents, seeds, direct: (mean, std), <metric>: (mean, std)}, and for
     every row after the first its paired mAP difference from the first (vs_first: (mean, std, seeds)):
     the variants of one seed share its source model and data order, so the seed's noise largely cancels
-    in their difference, which a comparison of two rows' means would carry twice."""
+    in their difference, which a comparison of two rows' means would carry twice. per_seed: {seed: mAP},
+    for a reader to see that noise and to combine seeds run on other machines."""
     rows, first_maps = [], None  # first_maps: the first row's mAP per seed
     for variant in grid.variants:
         folders = {s: adapt_folder(grid, variant, s, runs_dir) for s in seeds}
         results = {s: collect(folder, grid.target) for s, folder in folders.items() if (folder / FINAL_MODEL).is_file()}
         row = {"name": variant.name, "documents": variant.documents, "seeds": len(results)}
+        maps = {s: r["adapted"]["mAP"] for s, r in results.items()}
         if results:
+            row["per_seed"] = maps
             row["direct"] = mean_std([r["direct"]["mAP"] for r in results.values()])
             row.update({metric: mean_std([r["adapted"][metric] for r in results.values()]) for metric in METRICS})
-        maps = {s: r["adapted"]["mAP"] for s, r in results.items()}
         if first_maps is None:
             first_maps = maps
         elif paired := sorted(set(first_maps) & set(maps)):
@@ -307,6 +309,9 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
     def paired(value: tuple[float, float, int] | None) -> str:
         return "-" if value is None else f"{100 * value[0]:+.1f} +- {100 * value[1]:.1f} ({value[2]})"
 
+    def per_seed(maps: dict[int, float] | None) -> str:
+        return ", ".join(f"{seed}: {100 * value:.1f}" for seed, value in sorted(maps.items())) if maps else "-"
+
     first = rows[0]["name"] if rows else "first"
     lines = [f"# Grid {grid.name}", ""]
     if grid.description:
@@ -314,11 +319,11 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
     lines += [f"{grid.source} -> {grid.target}; target test set, last epoch; mean +- sample std over seeds."
               + (f" {machine}" if machine else ""), "",
               f"mAP - {first}: the paired difference per seed (mean +- std over the seeds both finished, their count).", "",
-              f"| variant | seeds | direct mAP | mAP | mAP - {first} | rank-1 | rank-5 | rank-10 | source documents |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"| variant | seeds | direct mAP | mAP | mAP - {first} | rank-1 | rank-5 | rank-10 | mAP per seed | source documents |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('vs_first'))} | "
-                     + " | ".join(cell(row.get(m)) for m in METRICS[1:]) + f" | {row['documents'] or '-'} |")
+                     + " | ".join(cell(row.get(m)) for m in METRICS[1:]) + f" | {per_seed(row.get('per_seed'))} | {row['documents'] or '-'} |")
     return "\n".join(lines) + "\n"
 
 
