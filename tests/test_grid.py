@@ -121,13 +121,25 @@ def write_run(folder, direct, adapted_by_epoch, clusters=None):
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def write_source(folder, on_source_by_epoch):
+    folder.mkdir(parents=True)
+    (folder / FINAL_MODEL).write_bytes(b"")
+    records = [{"epoch": e, "synth_market": dict(zip(gridlib.METRICS, (v, v, v, v))), "synth_duke": dict(zip(gridlib.METRICS, (0.1,) * 4))}
+               for e, v in on_source_by_epoch.items()]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     grid = gridlib.load_grid(grid_file)
     runs_dir = tmp_path / "runs"
     write_run(runs_dir / "toy" / "base" / "seed0", 0.20, {1: 0.30, 2: 0.40})
     write_run(runs_dir / "toy" / "base" / "seed1", 0.22, {1: 0.10, 2: 0.50})
     write_run(runs_dir / "toy" / "T=1.0" / "seed0", 0.20, {2: 0.25})
+    write_source(runs_dir / "toy" / "source" / "default" / "seed0", {5: 0.50, 10: 0.70})  # its last epoch: 0.70
+    write_source(runs_dir / "toy" / "source" / "default" / "seed1", {10: 0.60})
     rows = gridlib.summarise(grid, [0, 1], runs_dir)
+    assert rows[0]["on_source"] == pytest.approx((0.65, 0.0707107), abs=1e-6)  # base and T=1.0 share the source models
+    assert rows[1]["on_source"] == (0.70, 0.0)  # T=1.0 finished seed 0 only
     assert rows[0]["seeds"] == 2 and rows[0]["mAP"] == pytest.approx((0.45, 0.0707107), abs=1e-6)  # last epoch: 0.40, 0.50
     assert rows[0]["direct"] == pytest.approx((0.21, 0.0141421), abs=1e-6)
     assert rows[1]["seeds"] == 1 and rows[1]["mAP"] == (0.25, 0.0)  # one seed: no spread
@@ -135,9 +147,10 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     assert rows[2] == {"name": "no_erasing", "documents": "", "seeds": 0}
     table = gridlib.markdown(grid, rows, "Machine: test.")
     assert rows[0]["per_seed"] == pytest.approx({0: 0.40, 1: 0.50}) and rows[1]["per_seed"] == {0: 0.25}
-    assert "| base | 2 | 21.0 +- 1.4 | 45.0 +- 7.1 | - | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 0: 40.0, 1: 50.0 | 82.8 |" in table
-    assert "| T=1.0 | 1 | 20.0 +- 0.0 | 25.0 +- 0.0 | -15.0 +- 0.0 (1) |" in table and "| 0: 25.0 | 31.7 |" in table
-    assert "| no_erasing | 0 | - | - | - | - | - | - | - | - |" in table and "Machine: test." in table
+    assert "| base | 2 | 65.0 +- 7.1 | 21.0 +- 1.4 | 45.0 +- 7.1 | - | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 0: 40.0, 1: 50.0 | 82.8 |" in table
+    assert "| T=1.0 | 1 | 70.0 +- 0.0 | 20.0 +- 0.0 | 25.0 +- 0.0 | -15.0 +- 0.0 (1) |" in table and "| 0: 25.0 | 31.7 |" in table
+    assert "| no_erasing | 0 | - | - | - | - | - | - | - | - | - |" in table and "Machine: test." in table
+    assert "source model's mAP on synth_market" in table
     write_run(runs_dir / "toy" / "T=1.0" / "seed1", 0.22, {2: 0.45})  # differences -0.15, -0.05: the seeds' spread cancels
     assert gridlib.summarise(grid, [0, 1], runs_dir)[1]["vs_first"] == pytest.approx((-0.10, 0.0707107, 2), abs=1e-6)
     curves = gridlib.curves(grid, [0, 1], runs_dir)

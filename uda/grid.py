@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 
 from uda.errors import ConfigError, UdaError
-from uda.report import collect
+from uda.report import collect, evaluation
 from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, check_resumable, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +148,11 @@ class Run:
         return (self.folder / LAST_CHECKPOINT).is_file()
 
 
+def source_folder(grid: Grid, variant: Variant, seed: int, runs_dir: Path) -> Path:
+    """Where the source model a variant's seed adapts from is trained (unless the grid gives source_model)."""
+    return runs_dir / grid.name / "source" / source_key(variant) / f"seed{seed}"
+
+
 def adapt_folder(grid: Grid, variant: Variant, seed: int, runs_dir: Path) -> Path:
     """Where a variant's adaptation of one seed runs (and the table, plots and machine line read it)."""
     return runs_dir / grid.name / variant.name / f"seed{seed}"
@@ -160,7 +165,7 @@ def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
     planned: set[Path] = set()
     for seed in seeds:
         for variant in grid.variants:
-            source_dir = runs_dir / grid.name / "source" / source_key(variant) / f"seed{seed}"
+            source_dir = source_folder(grid, variant, seed, runs_dir)
             init = Path(grid.source_model) if grid.source_model else source_dir / FINAL_MODEL
             if not grid.source_model and source_dir not in planned:
                 planned.add(source_dir)
@@ -278,7 +283,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
     """One row per variant: the last epoch's target metrics (and direct transfer) over the seeds whose
-    adaptation finished, as {name, documents, seeds, direct: (mean, std), <metric>: (mean, std)}, and for
+    adaptation finished, as {name, documents, seeds, direct: (mean, std), <metric>: (mean, std)}, with the
+    source models' own last mAP on the source test set (on_source: (mean, std), when the grid trained
+    them: a source-side variant such as a BoT trick shows its effect there first), and for
     every row after the first its paired mAP difference from the first (vs_first: (mean, std, seeds)):
     the variants of one seed share its source model and data order, so the seed's noise largely cancels
     in their difference, which a comparison of two rows' means would carry twice. per_seed: {seed: mAP},
@@ -292,6 +299,11 @@ def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
         if results:
             row["per_seed"] = maps
             row["direct"] = mean_std([r["direct"]["mAP"] for r in results.values()])
+            sources = [source_folder(grid, variant, s, runs_dir) for s in results]
+            if not grid.source_model and all((folder / "metrics.jsonl").is_file() for folder in sources):
+                on_source = [evaluation(folder, grid.source, "last") for folder in sources]
+                if all(on_source):
+                    row["on_source"] = mean_std([e["mAP"] for e in on_source])
             row.update({metric: mean_std([r["adapted"][metric] for r in results.values()]) for metric in METRICS})
         if first_maps is None:
             first_maps = maps
@@ -319,10 +331,11 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
     lines += [f"{grid.source} -> {grid.target}; target test set, last epoch; mean +- sample std over seeds."
               + (f" {machine}" if machine else ""), "",
               f"mAP - {first}: the paired difference per seed (mean +- std over the seeds both finished, their count).", "",
-              f"| variant | seeds | direct mAP | mAP | mAP - {first} | rank-1 | rank-5 | rank-10 | mAP per seed | source documents |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"| variant | seeds | source model's mAP on {grid.source} | direct mAP | mAP | mAP - {first} | rank-1 | rank-5 | rank-10 "
+              "| mAP per seed | source documents |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('vs_first'))} | "
+        lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('on_source'))} | {cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('vs_first'))} | "
                      + " | ".join(cell(row.get(m)) for m in METRICS[1:]) + f" | {per_seed(row.get('per_seed'))} | {row['documents'] or '-'} |")
     return "\n".join(lines) + "\n"
 

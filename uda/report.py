@@ -17,7 +17,8 @@ from uda.runlog import read_metrics
 COLUMNS = ("mAP", "rank1", "rank5", "rank10")
 
 
-def _evaluation(run_dir: Path, set_name: str, which: str) -> dict | None:
+def evaluation(run_dir: Path, set_name: str, which: str) -> dict | None:
+    """The first or last evaluation of one test set in a run folder's metrics.jsonl (None: never evaluated)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UdaError(f"{path} does not exist: run the stage first (see scripts/)")
@@ -32,9 +33,9 @@ def collect(adapt_dir: Path, target: str, oracle_dir: Path | None = None) -> dic
     """{"direct": {...}, "adapted": {...}, "oracle": {...}}, plus "*_rerank" rows when re-ranking was evaluated."""
     results = {}
     for suffix in ("", "_rerank"):
-        rows = {"direct": _evaluation(adapt_dir, target + suffix, "first"), "adapted": _evaluation(adapt_dir, target + suffix, "last")}
+        rows = {"direct": evaluation(adapt_dir, target + suffix, "first"), "adapted": evaluation(adapt_dir, target + suffix, "last")}
         if oracle_dir is not None:
-            rows["oracle"] = _evaluation(oracle_dir, target + suffix, "last")
+            rows["oracle"] = evaluation(oracle_dir, target + suffix, "last")
         results.update({f"{name}{suffix}": row for name, row in rows.items() if row is not None})
     if "direct" not in results or results["direct"]["epoch"] != 0:
         raise UdaError(f"{adapt_dir} has no epoch-0 (direct transfer) evaluation of '{target}'")
