@@ -263,3 +263,7 @@ def test_machine_line_names_only_the_finished_runs(grid_file, tmp_path):
     cut.mkdir(parents=True)
     (cut / "version.txt").write_text("commit: def\nthreads: 2\ncpu: Y\ngpu: none\n")  # stopped in its first epoch
     assert gridlib.machines(grid, [0], runs_dir) == "Machine: X, gpu none, threads 1, commit abc."
+    (cut / FINAL_MODEL).write_bytes(b"")  # now finished, from a checkout with local changes and a full-length hash
+    (cut / "version.txt").write_text(f"commit: {'d' * 40}+dirty\nthreads: 2\ncpu: Y\ngpu: none\n")
+    assert gridlib.machines(grid, [0], runs_dir) == (
+        "Machine: X, gpu none, threads 1, commit abc; Y, gpu none, threads 2, commit dddddddddddd+dirty.")

@@ -389,15 +389,16 @@ def plot(curves_by_variant: dict, out_dir: Path, name: str) -> list[Path]:
 
 def machines(grid: Grid, seeds: list[int], runs_dir: Path) -> str:
     """Where the finished adaptations ran (the table's runs), from their version.txt: CPU, GPU, threads,
-    commit (each distinct one)."""
+    commit (each distinct one, short, keeping '+dirty': such a run had changes the commit does not hold)."""
     seen = []
     for variant in grid.variants:
         for seed in seeds:
             path = adapt_folder(grid, variant, seed, runs_dir) / "version.txt"
             if path.is_file() and (path.parent / FINAL_MODEL).is_file():
                 fields = dict(line.split(": ", 1) for line in path.read_text().splitlines() if ": " in line)
+                commit, _, dirty = fields.get("commit", "?").partition("+")
                 line = (f"{fields.get('cpu', '?')}, gpu {fields.get('gpu', '?')}, threads {fields.get('threads', '?')}, "
-                        f"commit {fields.get('commit', '?')[:12]}")
+                        f"commit {commit[:12]}{'+' + dirty if dirty else ''}")
                 if line not in seen:
                     seen.append(line)
     return "Machine: " + "; ".join(seen) + "." if seen else ""
