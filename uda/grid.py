@@ -396,9 +396,9 @@ def machines(grid: Grid, seeds: list[int], runs_dir: Path) -> str:
             path = adapt_folder(grid, variant, seed, runs_dir) / "version.txt"
             if path.is_file() and (path.parent / FINAL_MODEL).is_file():
                 fields = dict(line.split(": ", 1) for line in path.read_text().splitlines() if ": " in line)
-                commit, _, dirty = fields.get("commit", "?").partition("+")
+                commit, plus, suffix = fields.get("commit", "?").partition("+")
                 line = (f"{fields.get('cpu', '?')}, gpu {fields.get('gpu', '?')}, threads {fields.get('threads', '?')}, "
-                        f"commit {commit[:12]}{'+' + dirty if dirty else ''}")
+                        f"commit {commit[:12]}{plus}{suffix}")
                 if line not in seen:
                     seen.append(line)
     return "Machine: " + "; ".join(seen) + "." if seen else ""
