@@ -143,16 +143,19 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     assert rows[0]["seeds"] == 2 and rows[0]["mAP"] == pytest.approx((0.45, 0.0707107), abs=1e-6)  # last epoch: 0.40, 0.50
     assert rows[0]["direct"] == pytest.approx((0.21, 0.0141421), abs=1e-6)
     assert rows[1]["seeds"] == 1 and rows[1]["mAP"] == (0.25, 0.0)  # one seed: no spread
-    assert rows[1]["vs_first"] == pytest.approx((-0.15, 0.0, 1))  # paired with base's seed 0 (0.40) only
+    assert rows[1]["paired"] == pytest.approx((-0.15, 0.0, 1))  # paired with base's seed 0 (0.40) only
+    assert rows[1]["paired_source"] == (0.0, 0.0, 1)  # base's source model: no difference
     assert rows[2] == {"name": "no_erasing", "documents": "", "seeds": 0}
     table = gridlib.markdown(grid, rows, "Machine: test.")
     assert rows[0]["per_seed"] == pytest.approx({0: 0.40, 1: 0.50}) and rows[1]["per_seed"] == {0: 0.25}
-    assert "| base | 2 | 65.0 +- 7.1 | 21.0 +- 1.4 | 45.0 +- 7.1 | - | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 0: 40.0, 1: 50.0 | 82.8 |" in table
-    assert "| T=1.0 | 1 | 70.0 +- 0.0 | 20.0 +- 0.0 | 25.0 +- 0.0 | -15.0 +- 0.0 (1) |" in table and "| 0: 25.0 | 31.7 |" in table
-    assert "| no_erasing | 0 | - | - | - | - | - | - | - | - | - |" in table and "Machine: test." in table
+    # no_erasing trains its own source model: the table has a paired column for the source models too
+    assert "| base | 2 | 65.0 +- 7.1 | - | 21.0 +- 1.4 | 45.0 +- 7.1 | - | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 0: 40.0, 1: 50.0 | 82.8 |" in table
+    assert "| T=1.0 | 1 | 70.0 +- 0.0 | +0.0 +- 0.0 (1) | 20.0 +- 0.0 | 25.0 +- 0.0 | -15.0 +- 0.0 (1) |" in table and "| 0: 25.0 | 31.7 |" in table
+    assert "| no_erasing | 0 | - | - | - | - | - | - | - | - | - | - |" in table and "Machine: test." in table
+    assert "| mAP - base |" in table and "| source mAP - base |" in table
     assert "source model's mAP on synth_market" in table
     write_run(runs_dir / "toy" / "T=1.0" / "seed1", 0.22, {2: 0.45})  # differences -0.15, -0.05: the seeds' spread cancels
-    assert gridlib.summarise(grid, [0, 1], runs_dir)[1]["vs_first"] == pytest.approx((-0.10, 0.0707107, 2), abs=1e-6)
+    assert gridlib.summarise(grid, [0, 1], runs_dir)[1]["paired"] == pytest.approx((-0.10, 0.0707107, 2), abs=1e-6)
     curves = gridlib.curves(grid, [0, 1], runs_dir)
     assert curves["base"]["mAP"] == pytest.approx({0: 0.21, 1: 0.20, 2: 0.45})
     assert curves["base"]["clusters"] == {1: 10.0, 2: 20.0}
@@ -161,11 +164,35 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
 
 
+def test_a_cumulative_grid_pairs_each_row_with_the_row_above(grid_file, tmp_path):
+    """paired: previous: each row's difference is its own step (mAP and the source model's), per seed."""
+    grid_file.write_text(GRID.replace("variants:", "paired: previous\nvariants:").replace("T=1.0: {opts", "T=1.0: {pretrain_opts: [loss.center_weight=0], opts"))
+    grid = gridlib.load_grid(grid_file)
+    runs_dir = tmp_path / "runs"
+    key = {v.name: gridlib.source_key(v) for v in grid.variants}
+    for name, maps, source_maps in (("base", (0.40, 0.50), (0.60, 0.70)), ("T=1.0", (0.45, 0.50), (0.50, 0.64)), ("no_erasing", (0.55, 0.66), (0.55, 0.68))):
+        for seed in (0, 1):
+            write_run(runs_dir / "toy" / name / f"seed{seed}", 0.2, {3: maps[seed]})
+            write_source(runs_dir / "toy" / "source" / key[name] / f"seed{seed}", {10: source_maps[seed]})
+    rows = gridlib.summarise(grid, [0, 1], runs_dir)
+    assert "paired" not in rows[0] and "paired_source" not in rows[0]
+    assert rows[1]["paired"] == pytest.approx((0.025, 0.0353553, 2), abs=1e-6)  # +0.05, 0.00 from base
+    assert rows[1]["paired_source"] == pytest.approx((-0.08, 0.0282843, 2), abs=1e-6)  # -0.10, -0.06
+    assert rows[2]["paired"] == pytest.approx((0.13, 0.0424264, 2), abs=1e-6)  # +0.10, +0.16 from T=1.0, not base
+    assert rows[2]["paired_source"] == pytest.approx((0.045, 0.0070711, 2), abs=1e-6)  # +0.05, +0.04
+    table = gridlib.markdown(grid, rows)
+    assert "| mAP - previous row |" in table and "| source mAP - previous row |" in table
+    assert "| no_erasing | 2 | 61.5 +- 9.2 | +4.5 +- 0.7 (2) | 20.0 +- 0.0 | 60.5 +- 7.8 | +13.0 +- 4.2 (2) |" in table
+    grid.paired = "first"  # the default: from base
+    assert gridlib.summarise(grid, [0, 1], runs_dir)[2]["paired"] == pytest.approx((0.155, 0.0070711, 2), abs=1e-6)
+
+
 @pytest.mark.parametrize("text, message", [
     (GRID.replace("opts: [data.synth_preset=tiny]", "opt: []"), r"unknown keys \['opt'\]"),
     (GRID.replace("target: synth_duke\n", ""), r"missing keys \['target'\]"),
     (GRID.replace('documents: "31.7"', 'paper: "31.7"'), r"variant 'T=1.0' has unknown keys \['paper'\]"),
     (GRID.replace("no_erasing:", "no erasing:"), "must be letters, digits"),
+    (GRID.replace("variants:", "paired: last\nvariants:"), r"paired must be one of \['first', 'previous'\]"),
     (GRID.replace("configs/uda/synth_market2synth_duke.yaml", "configs/uda/none.yaml"), "adapt_config .*configs/uda/none.yaml does not exist"),
 ])
 def test_grid_file_errors_name_the_key(tmp_path, text, message):

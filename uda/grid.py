@@ -15,6 +15,8 @@ A grid file:
     adapt_opts: [optim.epochs=3]
     source_model: PATH                 # optional: every seed adapts from this model (no pretraining;
                                        # the seed then varies the adaptation only)
+    paired: previous                   # optional: the paired column differs from the row above (a
+                                       # cumulative grid: each row's own step), not the first (default)
     variants:                          # in table order; opts / pretrain_opts add to the shared ones
       T=0.1: {opts: [model.temperature=0.1], documents: "82.8 mAP (the documents' best)"}
       T=1.0: {opts: [model.temperature=1.0], documents: "31.7 mAP"}
@@ -50,7 +52,8 @@ from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, check_resumable, read_metri
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"name", "source", "target", "pretrain_config", "adapt_config", "opts", "pretrain_opts", "adapt_opts", "variants",
-             "description", "source_model"}
+             "description", "source_model", "paired"}
+PAIRED = ("first", "previous")  # what a row's paired difference is from: the first row, or the row above
 VARIANT_KEYS = {"opts", "pretrain_opts", "documents"}
 METRICS = ("mAP", "rank1", "rank5", "rank10")
 
@@ -76,6 +79,7 @@ class Grid:
     description: str = ""
     source_model: str | None = None
     adapt_opts: list[str] = field(default_factory=list)  # adapt --opts of every variant, after the shared ones
+    paired: str = "first"  # one of PAIRED
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -105,11 +109,13 @@ def load_grid(path: str | Path) -> Grid:
             data[key] = resolve(data[key])
             if key != "source_model" and not Path(data[key]).is_file():
                 raise ConfigError(f"{path}: {key} {data[key]} does not exist")
+    if data.get("paired", "first") not in PAIRED:
+        raise ConfigError(f"{path}: paired must be one of {list(PAIRED)} (the row a paired difference is from), not {data['paired']!r}")
     if data.get("source_model") and any(v.pretrain_opts for v in variants):
         raise ConfigError(f"{path}: a variant with pretrain_opts needs its own source model; remove source_model or those pretrain_opts")
     return Grid(data["name"], data["source"], data["target"], data["pretrain_config"], data["adapt_config"],
                 list(data.get("opts", [])), list(data.get("pretrain_opts", [])), variants, str(data.get("description", "")),
-                data.get("source_model"), list(data.get("adapt_opts", [])))
+                data.get("source_model"), list(data.get("adapt_opts", [])), data.get("paired", "first"))
 
 
 def resolve(value: str) -> str:
@@ -285,36 +291,45 @@ def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
     """One row per variant: the last epoch's target metrics (and direct transfer) over the seeds whose
     adaptation finished, as {name, documents, seeds, direct: (mean, std), <metric>: (mean, std)}, with the
     source models' own last mAP on the source test set (on_source: (mean, std), when the grid trained
-    them: a source-side variant such as a BoT trick shows its effect there first), and for
-    every row after the first its paired mAP difference from the first (vs_first: (mean, std, seeds)):
-    the variants of one seed share its source model and data order, so the seed's noise largely cancels
-    in their difference, which a comparison of two rows' means would carry twice. per_seed: {seed: mAP},
-    for a reader to see that noise and to combine seeds run on other machines."""
-    rows, first_maps = [], None  # first_maps: the first row's mAP per seed
+    them: a source-side variant such as a BoT trick shows its effect there first), and for every row
+    after the first its paired mAP difference from the reference row (the first, or under `paired:
+    previous` the row above): paired: (mean, std, seeds). The variants of one seed share its data order
+    (and its source model, unless their pretrain_opts differ), so the seed's noise largely cancels in
+    their difference, which a comparison of two rows' means would carry twice. paired_source: the same
+    difference of the source models' own mAP (exactly 0 for a row sharing the reference's). per_seed: {seed: mAP}, for a reader to see that noise
+    and to combine seeds run on other machines."""
+    rows, previous = [], None  # previous: the reference row's (mAP per seed, source model's mAP per seed)
     for variant in grid.variants:
         folders = {s: adapt_folder(grid, variant, s, runs_dir) for s in seeds}
         results = {s: collect(folder, grid.target) for s, folder in folders.items() if (folder / FINAL_MODEL).is_file()}
         row = {"name": variant.name, "documents": variant.documents, "seeds": len(results)}
         maps = {s: r["adapted"]["mAP"] for s, r in results.items()}
+        source_maps: dict[int, float] = {}
         if results:
             row["per_seed"] = maps
             row["direct"] = mean_std([r["direct"]["mAP"] for r in results.values()])
-            sources = [source_folder(grid, variant, s, runs_dir) for s in results]
-            if not grid.source_model and all((folder / "metrics.jsonl").is_file() for folder in sources):
-                on_source = [evaluation(folder, grid.source, "last") for folder in sources]
-                if all(on_source):
-                    row["on_source"] = mean_std([e["mAP"] for e in on_source])
+            sources = {s: source_folder(grid, variant, s, runs_dir) for s in results}
+            if not grid.source_model and all((folder / "metrics.jsonl").is_file() for folder in sources.values()):
+                on_source = {s: evaluation(folder, grid.source, "last") for s, folder in sources.items()}
+                if all(on_source.values()):
+                    source_maps = {s: e["mAP"] for s, e in on_source.items()}
+                    row["on_source"] = mean_std(list(source_maps.values()))
             row.update({metric: mean_std([r["adapted"][metric] for r in results.values()]) for metric in METRICS})
-        if first_maps is None:
-            first_maps = maps
-        elif paired := sorted(set(first_maps) & set(maps)):
-            row["vs_first"] = (*mean_std([maps[s] - first_maps[s] for s in paired]), len(paired))
+        if previous is not None:
+            reference_maps, reference_source_maps = previous
+            if both := sorted(set(reference_maps) & set(maps)):
+                row["paired"] = (*mean_std([maps[s] - reference_maps[s] for s in both]), len(both))
+            if both := sorted(set(reference_source_maps) & set(source_maps)):
+                row["paired_source"] = (*mean_std([source_maps[s] - reference_source_maps[s] for s in both]), len(both))
+        if previous is None or grid.paired == "previous":
+            previous = (maps, source_maps)
         rows.append(row)
     return rows
 
 
 def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
-    """The grid's table: mean +- std (in %) of the last epoch per variant, beside the documents' figure."""
+    """The grid's table: mean +- std (in %) of the last epoch per variant, beside the documents' figure;
+    with a paired column for the source models' own mAP when some variant trains its own (pretrain_opts)."""
     def cell(value: tuple[float, float] | None) -> str:
         return "-" if value is None else f"{100 * value[0]:.1f} +- {100 * value[1]:.1f}"
 
@@ -324,18 +339,22 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
     def per_seed(maps: dict[int, float] | None) -> str:
         return ", ".join(f"{seed}: {100 * value:.1f}" for seed, value in sorted(maps.items())) if maps else "-"
 
-    first = rows[0]["name"] if rows else "first"
+    reference = "previous row" if grid.paired == "previous" else (rows[0]["name"] if rows else "first")
+    with_source = not grid.source_model and any(v.pretrain_opts for v in grid.variants)
     lines = [f"# Grid {grid.name}", ""]
     if grid.description:
         lines += [grid.description, ""]
     lines += [f"{grid.source} -> {grid.target}; target test set, last epoch; mean +- sample std over seeds."
               + (f" {machine}" if machine else ""), "",
-              f"mAP - {first}: the paired difference per seed (mean +- std over the seeds both finished, their count).", "",
-              f"| variant | seeds | source model's mAP on {grid.source} | direct mAP | mAP | mAP - {first} | rank-1 | rank-5 | rank-10 "
-              "| mAP per seed | source documents |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"mAP - {reference}: the paired difference per seed (mean +- std over the seeds both finished, their count)."
+              + (f" Source mAP - {reference}: the same for the source models' own mAP on {grid.source}." if with_source else ""), "",
+              f"| variant | seeds | source model's mAP on {grid.source} | " + (f"source mAP - {reference} | " if with_source else "")
+              + f"direct mAP | mAP | mAP - {reference} | rank-1 | rank-5 | rank-10 | mAP per seed | source documents |",
+              "|---" * (12 if with_source else 11) + "|"]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('on_source'))} | {cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('vs_first'))} | "
+        lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('on_source'))} | "
+                     + (f"{paired(row.get('paired_source'))} | " if with_source else "")
+                     + f"{cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('paired'))} | "
                      + " | ".join(cell(row.get(m)) for m in METRICS[1:]) + f" | {per_seed(row.get('per_seed'))} | {row['documents'] or '-'} |")
     return "\n".join(lines) + "\n"
 
