@@ -296,9 +296,9 @@ def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
     previous` the row above): paired: (mean, std, seeds). The variants of one seed share its data order
     (and its source model, unless their pretrain_opts differ), so the seed's noise largely cancels in
     their difference, which a comparison of two rows' means would carry twice. paired_source: the same
-    difference of the source models' own mAP (exactly 0 for a row sharing the reference's). per_seed: {seed: mAP}, for a reader to see that noise
-    and to combine seeds run on other machines."""
-    rows, previous = [], None  # previous: the reference row's (mAP per seed, source model's mAP per seed)
+    difference of the source models' own mAP (exactly 0 for a row sharing the reference's). per_seed:
+    {seed: mAP}, for a reader to see that noise and to combine seeds run on other machines."""
+    rows, reference = [], None  # reference: the reference row's (mAP per seed, source model's mAP per seed)
     for variant in grid.variants:
         folders = {s: adapt_folder(grid, variant, s, runs_dir) for s in seeds}
         results = {s: collect(folder, grid.target) for s, folder in folders.items() if (folder / FINAL_MODEL).is_file()}
@@ -315,14 +315,14 @@ def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
                     source_maps = {s: e["mAP"] for s, e in on_source.items()}
                     row["on_source"] = mean_std(list(source_maps.values()))
             row.update({metric: mean_std([r["adapted"][metric] for r in results.values()]) for metric in METRICS})
-        if previous is not None:
-            reference_maps, reference_source_maps = previous
+        if reference is not None:
+            reference_maps, reference_source_maps = reference
             if both := sorted(set(reference_maps) & set(maps)):
                 row["paired"] = (*mean_std([maps[s] - reference_maps[s] for s in both]), len(both))
             if both := sorted(set(reference_source_maps) & set(source_maps)):
                 row["paired_source"] = (*mean_std([source_maps[s] - reference_source_maps[s] for s in both]), len(both))
-        if previous is None or grid.paired == "previous":
-            previous = (maps, source_maps)
+        if reference is None or grid.paired == "previous":
+            reference = (maps, source_maps)
         rows.append(row)
     return rows
 
