@@ -226,9 +226,12 @@ def test_a_source_model_of_another_backbone_fails_in_one_short_line(synth_root, 
 
 def test_torchrun_two_processes_adapt_like_one(synth_root, source_model, tmp_path):
     """Two gloo processes with the config's per-process P x K (README, "Several GPUs") against one
-    process, on the adaptation test's settings. Tolerance: 0.10 mAP. Single-process runs of seeds 0-2
-    spread over 0.24-0.36 there, and two processes differed from one by -0.04, -0.01, +0.04 (2026-12-01,
-    another source model): the test fails when the distributed loop trains another recipe, not on noise."""
+    process, on the adaptation test's settings, at adaptation seeds 0 and 1. Tolerance: 0.10 mAP on the
+    mean of the two seeds' gaps. One seed's gap is too noisy for it: over 5 source models (trained at 1 and
+    2 threads, seeds 0-2, as the fixture's differs by machine and thread count) x adaptation seeds 0-1,
+    single gaps spread -0.04 .. +0.12 (one over 0.10; one process alone moves by up to 0.10 between seeds),
+    their two-seed means -0.02 .. +0.06 (2026-12-02, 2-core AMD EPYC; how, in the commit message): the test
+    fails when the distributed loop trains another recipe, not on a machine's noise."""
     config = Path(__file__).resolve().parents[1] / "configs" / "uda" / "synth_market2synth_duke.yaml"
     common = ["uda/adapt.py", "--config", str(config), "--source", "synth_market", "--target", "synth_duke",
               "--data-root", str(synth_root), "--init", str(source_model)]
@@ -236,14 +239,17 @@ def test_torchrun_two_processes_adapt_like_one(synth_root, source_model, tmp_pat
             "adapt.iters=20", "data.num_pids=4", "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=3"]
     repo, env = Path(__file__).resolve().parents[1], {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29541"]
-    for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
-        done = subprocess.run([*launcher, *common, "--output-dir", str(tmp_path / name), *opts], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-    one, two = collect(tmp_path / "one", "synth_duke"), collect(tmp_path / "two", "synth_duke")
-    assert one["direct"]["mAP"] == pytest.approx(two["direct"]["mAP"])  # the same source model, evaluated once
-    assert two["adapted"]["epoch"] == 5 and two["adapted"]["mAP"] > two["direct"]["mAP"] + 0.05
-    assert abs(two["adapted"]["mAP"] - one["adapted"]["mAP"]) <= 0.10, (one["adapted"]["mAP"], two["adapted"]["mAP"])
+    gaps = []
+    for seed in (0, 1):
+        for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
+            done = subprocess.run([*launcher, *common, "--output-dir", str(tmp_path / f"{name}{seed}"), *opts, f"seed={seed}"], cwd=repo,
+                                  env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-2000:]
+        one, two = collect(tmp_path / f"one{seed}", "synth_duke"), collect(tmp_path / f"two{seed}", "synth_duke")
+        assert one["direct"]["mAP"] == pytest.approx(two["direct"]["mAP"])  # the same source model, evaluated once
+        assert two["adapted"]["epoch"] == 5 and two["adapted"]["mAP"] > two["direct"]["mAP"] + 0.05
+        gaps.append(two["adapted"]["mAP"] - one["adapted"]["mAP"])
+    assert abs(sum(gaps) / len(gaps)) <= 0.10, gaps
 
 
 def test_a_source_config_is_matched_by_its_exact_name_not_a_prefix(tmp_path, monkeypatch):
