@@ -2,6 +2,7 @@
 mean +- std from known runs, and the plots."""
 import argparse
 import json
+import shutil
 import threading
 import time
 
@@ -143,7 +144,7 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     assert rows[0]["seeds"] == 2 and rows[0]["mAP"] == pytest.approx((0.45, 0.0707107), abs=1e-6)  # last epoch: 0.40, 0.50
     assert rows[0]["direct"] == pytest.approx((0.21, 0.0141421), abs=1e-6)
     assert rows[1]["seeds"] == 1 and rows[1]["mAP"] == (0.25, 0.0)  # one seed: no spread
-    assert rows[1]["paired"] == pytest.approx((-0.15, 0.0, 1))  # paired with base's seed 0 (0.40) only
+    assert rows[1]["paired_map"] == pytest.approx((-0.15, 0.0, 1))  # paired with base's seed 0 (0.40) only
     assert rows[1]["paired_source"] == (0.0, 0.0, 1)  # base's source model: no difference
     assert rows[2] == {"name": "no_erasing", "documents": "", "seeds": 0}
     table = gridlib.markdown(grid, rows, "Machine: test.")
@@ -154,8 +155,14 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     assert "| no_erasing | 0 | - | - | - | - | - | - | - | - | - | - |" in table and "Machine: test." in table
     assert "| mAP - base |" in table and "| source mAP - base |" in table
     assert "source model's mAP on synth_market" in table
+    assert len({line.count("|") for line in table.splitlines() if line.startswith("|")}) == 1  # header, rule and rows align
+    grid.variants = grid.variants[:2]  # no variant trains its own source model: no source column
+    narrow = gridlib.markdown(grid, rows[:2])
+    assert {line.count("|") for line in narrow.splitlines() if line.startswith("|")} == {12} and "source mAP - base" not in narrow
+    assert "| T=1.0 | 1 | 70.0 +- 0.0 | 20.0 +- 0.0 | 25.0 +- 0.0 | -15.0 +- 0.0 (1) |" in narrow
+    grid = gridlib.load_grid(grid_file)
     write_run(runs_dir / "toy" / "T=1.0" / "seed1", 0.22, {2: 0.45})  # differences -0.15, -0.05: the seeds' spread cancels
-    assert gridlib.summarise(grid, [0, 1], runs_dir)[1]["paired"] == pytest.approx((-0.10, 0.0707107, 2), abs=1e-6)
+    assert gridlib.summarise(grid, [0, 1], runs_dir)[1]["paired_map"] == pytest.approx((-0.10, 0.0707107, 2), abs=1e-6)
     curves = gridlib.curves(grid, [0, 1], runs_dir)
     assert curves["base"]["mAP"] == pytest.approx({0: 0.21, 1: 0.20, 2: 0.45})
     assert curves["base"]["clusters"] == {1: 10.0, 2: 20.0}
@@ -175,16 +182,22 @@ def test_a_cumulative_grid_pairs_each_row_with_the_row_above(grid_file, tmp_path
             write_run(runs_dir / "toy" / name / f"seed{seed}", 0.2, {3: maps[seed]})
             write_source(runs_dir / "toy" / "source" / key[name] / f"seed{seed}", {10: source_maps[seed]})
     rows = gridlib.summarise(grid, [0, 1], runs_dir)
-    assert "paired" not in rows[0] and "paired_source" not in rows[0]
-    assert rows[1]["paired"] == pytest.approx((0.025, 0.0353553, 2), abs=1e-6)  # +0.05, 0.00 from base
+    assert "paired_map" not in rows[0] and "paired_source" not in rows[0]
+    assert rows[1]["paired_map"] == pytest.approx((0.025, 0.0353553, 2), abs=1e-6)  # +0.05, 0.00 from base
     assert rows[1]["paired_source"] == pytest.approx((-0.08, 0.0282843, 2), abs=1e-6)  # -0.10, -0.06
-    assert rows[2]["paired"] == pytest.approx((0.13, 0.0424264, 2), abs=1e-6)  # +0.10, +0.16 from T=1.0, not base
+    assert rows[2]["paired_map"] == pytest.approx((0.13, 0.0424264, 2), abs=1e-6)  # +0.10, +0.16 from T=1.0, not base
     assert rows[2]["paired_source"] == pytest.approx((0.045, 0.0070711, 2), abs=1e-6)  # +0.05, +0.04
     table = gridlib.markdown(grid, rows)
     assert "| mAP - previous row |" in table and "| source mAP - previous row |" in table
     assert "| no_erasing | 2 | 61.5 +- 9.2 | +4.5 +- 0.7 (2) | 20.0 +- 0.0 | 60.5 +- 7.8 | +13.0 +- 4.2 (2) |" in table
     grid.paired = "first"  # the default: from base
-    assert gridlib.summarise(grid, [0, 1], runs_dir)[2]["paired"] == pytest.approx((0.155, 0.0070711, 2), abs=1e-6)
+    rows = gridlib.summarise(grid, [0, 1], runs_dir)
+    assert rows[2]["paired_map"] == pytest.approx((0.155, 0.0070711, 2), abs=1e-6)
+    assert rows[2]["paired_source"] == pytest.approx((-0.035, 0.0212132, 2), abs=1e-6)  # -0.05, -0.02 from base's source
+    grid.paired = "previous"
+    shutil.rmtree(runs_dir / "toy" / "T=1.0")  # the row above has no finished seed: no step to report
+    rows = gridlib.summarise(grid, [0, 1], runs_dir)
+    assert "paired_map" not in rows[2] and "paired_source" not in rows[2] and rows[2]["mAP"][0] == pytest.approx(0.605)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -15,8 +15,8 @@ A grid file:
     adapt_opts: [optim.epochs=3]
     source_model: PATH                 # optional: every seed adapts from this model (no pretraining;
                                        # the seed then varies the adaptation only)
-    paired: previous                   # optional: the paired column differs from the row above (a
-                                       # cumulative grid: each row's own step), not the first (default)
+    paired: previous                   # optional: the paired columns are differences from the row above
+                                       # (a cumulative grid: each row's own step), not the first (default)
     variants:                          # in table order; opts / pretrain_opts add to the shared ones
       T=0.1: {opts: [model.temperature=0.1], documents: "82.8 mAP (the documents' best)"}
       T=1.0: {opts: [model.temperature=1.0], documents: "31.7 mAP"}
@@ -318,7 +318,7 @@ def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
         if reference is not None:
             reference_maps, reference_source_maps = reference
             if both := sorted(set(reference_maps) & set(maps)):
-                row["paired"] = (*mean_std([maps[s] - reference_maps[s] for s in both]), len(both))
+                row["paired_map"] = (*mean_std([maps[s] - reference_maps[s] for s in both]), len(both))
             if both := sorted(set(reference_source_maps) & set(source_maps)):
                 row["paired_source"] = (*mean_std([source_maps[s] - reference_source_maps[s] for s in both]), len(both))
         if reference is None or grid.paired == "previous":
@@ -354,7 +354,7 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
     for row in rows:
         lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('on_source'))} | "
                      + (f"{paired(row.get('paired_source'))} | " if with_source else "")
-                     + f"{cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('paired'))} | "
+                     + f"{cell(row.get('direct'))} | {cell(row.get('mAP'))} | {paired(row.get('paired_map'))} | "
                      + " | ".join(cell(row.get(m)) for m in METRICS[1:]) + f" | {per_seed(row.get('per_seed'))} | {row['documents'] or '-'} |")
     return "\n".join(lines) + "\n"
 
