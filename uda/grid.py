@@ -40,6 +40,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -240,7 +241,7 @@ def run_stage(run: Run, progress: Callable[[str], None]) -> None:
         raise ConfigError(f"{run.stage} of {run.label} failed (exit {process.returncode}); its last lines:\n" + "".join(tail[-8:]))
 
 
-def run_grid(grid: Grid, seeds: list[int], runs_dir: Path, progress: Callable[[str], None] = print,
+def run_grid(grid: Grid, seeds: list[int], runs_dir: Path, progress: Callable[[str], None] = partial(print, flush=True),
              runner: Callable[[Run, Callable[[str], None]], None] = run_stage, jobs: int = 1) -> list[Run]:
     """Run every stage not yet done (skipped when its model_final.pth exists, resumed when it has a
     last.pth), `jobs` at a time, with a progress line per run and an ETA for the grid from the runs' mean
