@@ -110,13 +110,14 @@ def load_grid(path: str | Path) -> Grid:
             data[key] = resolve(data[key])
             if key != "source_model" and not Path(data[key]).is_file():
                 raise ConfigError(f"{path}: {key} {data[key]} does not exist")
-    if data.get("paired", "first") not in PAIRED:
-        raise ConfigError(f"{path}: paired must be one of {list(PAIRED)} (the row a paired difference is from), not {data['paired']!r}")
+    paired = data.get("paired", "first")
+    if paired not in PAIRED:
+        raise ConfigError(f"{path}: paired must be one of {list(PAIRED)} (the row a paired difference is from), not {paired!r}")
     if data.get("source_model") and any(v.pretrain_opts for v in variants):
         raise ConfigError(f"{path}: a variant with pretrain_opts needs its own source model; remove source_model or those pretrain_opts")
     return Grid(data["name"], data["source"], data["target"], data["pretrain_config"], data["adapt_config"],
                 list(data.get("opts", [])), list(data.get("pretrain_opts", [])), variants, str(data.get("description", "")),
-                data.get("source_model"), list(data.get("adapt_opts", [])), data.get("paired", "first"))
+                data.get("source_model"), list(data.get("adapt_opts", [])), paired)
 
 
 def resolve(value: str) -> str:
@@ -288,13 +289,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> tuple[float, float, int] | None:
+    """(mean, std, count) of values[s] - reference[s] over the seeds both have; None when they share none."""
+    both = sorted(set(values) & set(reference))
+    return (*mean_std([values[s] - reference[s] for s in both]), len(both)) if both else None
+
+
 def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
     """One row per variant: the last epoch's target metrics (and direct transfer) over the seeds whose
     adaptation finished, as {name, documents, seeds, direct: (mean, std), <metric>: (mean, std)}, with the
     source models' own last mAP on the source test set (on_source: (mean, std), when the grid trained
     them: a source-side variant such as a BoT trick shows its effect there first), and for every row
     after the first its paired mAP difference from the reference row (the first, or under `paired:
-    previous` the row above): paired: (mean, std, seeds). The variants of one seed share its data order
+    previous` the row above): paired_map: (mean, std, seeds). The variants of one seed share its data order
     (and its source model, unless their pretrain_opts differ), so the seed's noise largely cancels in
     their difference, which a comparison of two rows' means would carry twice. paired_source: the same
     difference of the source models' own mAP (exactly 0 for a row sharing the reference's). per_seed:
@@ -317,11 +324,9 @@ def summarise(grid: Grid, seeds: list[int], runs_dir: Path) -> list[dict]:
                     row["on_source"] = mean_std(list(source_maps.values()))
             row.update({metric: mean_std([r["adapted"][metric] for r in results.values()]) for metric in METRICS})
         if reference is not None:
-            reference_maps, reference_source_maps = reference
-            if both := sorted(set(reference_maps) & set(maps)):
-                row["paired_map"] = (*mean_std([maps[s] - reference_maps[s] for s in both]), len(both))
-            if both := sorted(set(reference_source_maps) & set(source_maps)):
-                row["paired_source"] = (*mean_std([source_maps[s] - reference_source_maps[s] for s in both]), len(both))
+            for key, values, reference_values in (("paired_map", maps, reference[0]), ("paired_source", source_maps, reference[1])):
+                if difference := paired_difference(values, reference_values):
+                    row[key] = difference
         if reference is None or grid.paired == "previous":
             reference = (maps, source_maps)
         rows.append(row)
@@ -342,6 +347,8 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
 
     reference = "previous row" if grid.paired == "previous" else (rows[0]["name"] if rows else "first")
     with_source = not grid.source_model and any(v.pretrain_opts for v in grid.variants)
+    header = (["variant", "seeds", f"source model's mAP on {grid.source}"] + ([f"source mAP - {reference}"] if with_source else [])
+              + ["direct mAP", "mAP", f"mAP - {reference}", "rank-1", "rank-5", "rank-10", "mAP per seed", "source documents"])
     lines = [f"# Grid {grid.name}", ""]
     if grid.description:
         lines += [grid.description, ""]
@@ -349,9 +356,7 @@ def markdown(grid: Grid, rows: list[dict], machine: str = "") -> str:
               + (f" {machine}" if machine else ""), "",
               f"mAP - {reference}: the paired difference per seed (mean +- std over the seeds both finished, their count)."
               + (f" Source mAP - {reference}: the same for the source models' own mAP on {grid.source}." if with_source else ""), "",
-              f"| variant | seeds | source model's mAP on {grid.source} | " + (f"source mAP - {reference} | " if with_source else "")
-              + f"direct mAP | mAP | mAP - {reference} | rank-1 | rank-5 | rank-10 | mAP per seed | source documents |",
-              "|---" * (12 if with_source else 11) + "|"]
+              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['seeds']} | {cell(row.get('on_source'))} | "
                      + (f"{paired(row.get('paired_source'))} | " if with_source else "")
