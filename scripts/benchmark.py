@@ -19,7 +19,8 @@ Cases (sizes: default / --quick; --full adds MSMT17's 126,441 for clustering):
              on the CPU demo's synthetic images at 64x32 (and real Market JPEGs at 128x64 when there are some)
   train      one training step (64 images, forward + backward + Adam), images/s, per backbone of our
              configs: fp32 (usual) vs channels_last, and bf16 autocast / torch.compile on top of channels_last
-  extract    feature extraction images/s (batch 128, eval mode), same backbones and modes
+  extract    feature extraction images/s (batch 128, eval mode), same backbones and modes, and BatchNorm folded
+             into the convolutions on channels_last (what extract_features runs)
 --quick (smallest sizes, under a minute on 2 cores) is CI's smoke test: it checks the table is complete.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 # (backbone, height, width) of our configs: the recipe's ResNet-50, the CPU demo's, the ImageNet CPU one
 BACKBONES = [("resnet50", 256, 128), ("resnet18_w16", 128, 64), ("mobilenet_v2", 128, 64)]
 MODES = ("fp32", "channels_last", "bf16", "compile")
+EXTRACT_MODES = (*MODES, "folded")  # folded: BatchNorm folded into the convolutions, as extract_features does
 
 
 # ------------------------------------------------------------------ measurements (in the child process)
@@ -177,7 +179,7 @@ def _model(backbone: str, mode: str, device: str, train: bool):
 
     torch.manual_seed(0)
     net = build_model(backbone, "none", 1, "avg", True).to(device)
-    if mode in ("channels_last", "bf16", "compile"):
+    if mode != "fp32":
         net = net.to(memory_format=torch.channels_last)
     net.train(train)
     head = build_head("cosine", net.feature_dim, 16, temperature=0.1).to(device)
@@ -214,7 +216,11 @@ def measure_train(backbone: str, height: int, width: int, mode: str, steps: int,
 
 @torch.no_grad()
 def measure_extract(backbone: str, height: int, width: int, mode: str, batches: int, device: str) -> dict:
+    from uda.evaluation import fold_batchnorm
+
     net, _ = _model(backbone, mode, device, train=False)
+    if mode == "folded":
+        net = fold_batchnorm(net)
     images = torch.randn(128, 3, height, width, device=device)
     if mode != "fp32":
         images = images.contiguous(memory_format=torch.channels_last)
@@ -265,13 +271,14 @@ def plan(quick: bool, full: bool, device: str) -> list[dict]:
         rows.append({"case": "pipeline", "size": f"{height}x{width}, P x K = 16 x 4, {what}", "unit": "images/s",
                      "usual": ("pipeline", {"variant": "usual", **pipeline}), "ours": ("pipeline", {"variant": "ours", **pipeline})})
     backbones = [("resnet18_w16", 64, 32)] if quick else BACKBONES
-    modes = ("channels_last", "bf16") if quick else MODES[1:]
     for case, count in (("train", 1 if quick else 3), ("extract", 1 if quick else 4)):
         key = "steps" if case == "train" else "batches"
+        modes = (MODES if case == "train" else EXTRACT_MODES)[1:]
+        modes = [mode for mode in modes if mode != "compile"] if quick else modes  # compiling takes minutes
         for backbone, height, width in backbones:
             usual = (case, {"backbone": backbone, "height": height, "width": width, "mode": "fp32", key: count, "device": device})
             for mode in modes:
-                label = mode if mode == "channels_last" else f"{mode} + channels_last"
+                label = mode if mode == "channels_last" else f"{'folded BN' if mode == 'folded' else mode} + channels_last"
                 rows.append({"case": case, "size": f"{backbone} {height}x{width}, {label} vs fp32", "unit": "images/s", "usual": usual,
                              "ours": (case, {**usual[1], "mode": mode})})
     return rows

@@ -43,6 +43,11 @@ def test_plan_has_every_case_and_full_adds_msmt_size():
     assert sizes == ["N = 12,936, dim 2048", "N = 16,522, dim 2048", "N = 126,441, dim 2048"]
     rows = benchmark.plan(quick=False, full=False, device="cpu")
     assert len([r for r in rows if r["case"] == "train"]) == 3 * 3  # 3 backbones x (channels_last, bf16, compile) vs fp32
+    extract = [r["size"] for r in rows if r["case"] == "extract"]
+    assert len(extract) == 3 * 4 and "mobilenet_v2 128x64, folded BN + channels_last vs fp32" in extract  # and folded BN
+    quick = [r["size"] for r in benchmark.plan(quick=True, full=False, device="cpu") if r["case"] in ("train", "extract")]
+    assert quick == [f"resnet18_w16 64x32, {mode} vs fp32" for mode in ("channels_last", "bf16 + channels_last")] * 2 + [
+        "resnet18_w16 64x32, folded BN + channels_last vs fp32"]
 
 
 def test_pipeline_rows_are_the_demos_images_and_real_jpegs_when_there_are_some(monkeypatch):
@@ -65,6 +70,6 @@ def test_quick_run_fills_the_whole_table(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert table.startswith("Machine: ") and report["machine"]["cores"] >= 1 and report["quick"]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| case")]
-    assert len(rows) == len(report["rows"]) == 8
+    assert len(rows) == len(report["rows"]) == 9
     assert not any("failed" in row for row in rows), table
     assert all(row.rstrip(" |").endswith("x") for row in rows), table  # every row has its ratio

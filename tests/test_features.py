@@ -1,11 +1,12 @@
-"""uda.evaluation.features: flip averaging and normalization by hand, order, modes restored."""
+"""uda.evaluation.features: flip averaging and normalization by hand, order, modes restored, BatchNorm folding."""
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from uda.errors import UdaError
-from uda.evaluation.features import extract_features
+from uda.evaluation.features import extract_features, fold_batchnorm
+from uda.models import build_model
 
 
 class ColumnMeans(nn.Module):
@@ -113,3 +114,71 @@ class ReturnsTuple(nn.Module):
 def test_bad_inputs_raise_uda_error(model, loader, message):
     with pytest.raises(UdaError, match=message):
         extract_features(model, loader)
+
+
+def conv_bn_relu() -> nn.Sequential:
+    """conv -> BatchNorm (non-trivial running statistics and affine) -> ReLU -> pool, in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    batchnorm = model[1]
+    batchnorm.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    batchnorm.running_var.copy_(torch.tensor([4.0, 0.25, 1.0, 9.0]))
+    batchnorm.weight.data.copy_(torch.tensor([1.5, -0.5, 1.0, 2.0]))
+    batchnorm.bias.data.copy_(torch.tensor([0.1, 0.2, -0.3, 0.4]))
+    return model.eval()
+
+
+def test_fold_batchnorm_gives_the_same_outputs_without_batchnorm_and_leaves_the_model_alone():
+    model = conv_bn_relu()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    # the folded conv is conv * gamma / sqrt(var + eps), bias (b - mean) * gamma / sqrt(var + eps) + beta
+    conv, bn = model[0], model[1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    [folded_conv] = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    torch.testing.assert_close(folded_conv.weight, conv.weight * scale.view(-1, 1, 1, 1))
+    torch.testing.assert_close(folded_conv.bias, (conv.bias - bn.running_mean) * scale + bn.bias)
+    images = torch.randn(5, 3, 6, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), model(images), rtol=1e-5, atol=1e-6)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_fold_batchnorm_returns_models_it_cannot_or_need_not_fold_unchanged():
+    plain = ColumnMeans([[1.0, 0.0]]).eval()
+    assert fold_batchnorm(plain) is plain  # no BatchNorm: not traced (its forward records calls)
+
+    class ThresholdOnValue(nn.Module):  # control flow on a tensor's value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.body = conv_bn_relu()
+
+        def forward(self, images):
+            features = self.body(images)
+            return features if features.sum() > 0 else -features
+
+    untraceable = ThresholdOnValue().eval()
+    assert fold_batchnorm(untraceable) is untraceable
+    loader = batches(torch.randn(4, 3, 6, 4, generator=torch.Generator().manual_seed(2)), batch_size=2)
+    torch.testing.assert_close(extract_features(untraceable, loader), extract_features(untraceable, loader, fold_bn=False))
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorm(conv_bn_relu().train())
+
+
+@pytest.mark.parametrize("backbone,pooling,embedding_dim", [("mobilenet_v2", "avg", 0), ("resnet18_w16", "gem", 16)])
+def test_reid_model_features_are_the_same_folded_or_not(backbone, pooling, embedding_dim):
+    torch.manual_seed(0)
+    model = build_model(backbone, "none", 1, pooling, True, embedding_dim)
+    with torch.no_grad():  # running statistics away from BatchNorm's initial 0 / 1
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 16))
+    model.train()
+    loader = batches(torch.randn(6, 3, 32, 16, generator=torch.Generator().manual_seed(3)), batch_size=3)
+    plain = extract_features(model, loader, fold_bn=False)
+    folded = extract_features(model, loader)
+    torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5)
+    assert model.training  # the caller's mode comes back, as without folding
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fold_batchnorm(model.eval()).modules()) == 0

@@ -39,13 +39,15 @@ from uda.data import test_transform
 from uda.data.images import read_image
 from uda.distributed import DistInfo, pick_device
 from uda.errors import UdaError
-from uda.evaluation.features import extract_features
+from uda.evaluation.features import extract_features, fold_batchnorm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class FeatureExtractor:
-    """A trained ReID model with its run's preprocessing: images -> (N, D) L2-normalised features."""
+    """A trained ReID model with its run's preprocessing: images -> (N, D) L2-normalised features.
+    Its BatchNorms are folded once, when it is made (uda.evaluation.fold_batchnorm): weights changed in
+    `model` after that are not seen; make a new FeatureExtractor."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device, batch_size: int | None = None):
         self.cfg = cfg
@@ -53,6 +55,7 @@ class FeatureExtractor:
         self.model = model.to(device).eval()
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.folded = fold_batchnorm(self.model)  # folded once here, not at every call
         self.transform = test_transform(cfg.data.height, cfg.data.width, tuple(cfg.data.mean), tuple(cfg.data.std))
         self.batch_size = batch_size or cfg.eval.batch_size
 
@@ -72,8 +75,8 @@ class FeatureExtractor:
         """(N, D) float32 features on the CPU, one row per image, in order."""
         if len(images) == 0:
             raise UdaError("no images to extract features from")
-        return extract_features(self.model, self._batches(images), flip=self.cfg.eval.flip, normalize=True,
-                                amp_dtype=stage.amp_dtype(self.cfg, self.device), desc="features")
+        return extract_features(self.folded, self._batches(images), flip=self.cfg.eval.flip, normalize=True,
+                                amp_dtype=stage.amp_dtype(self.cfg, self.device), desc="features", fold_bn=False)
 
 
 def load_model(path: str | Path, device: str = "auto", batch_size: int | None = None,
