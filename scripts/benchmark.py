@@ -47,6 +47,8 @@ import torch  # noqa: E402
 BACKBONES = [("resnet50", 256, 128), ("resnet18_w16", 128, 64), ("mobilenet_v2", 128, 64)]
 MODES = ("fp32", "channels_last", "bf16", "compile")
 EXTRACT_MODES = (*MODES, "folded")  # folded: BatchNorm folded into the convolutions, as extract_features does
+MODE_LABELS = {"channels_last": "channels_last", "bf16": "bf16 + channels_last", "compile": "compile + channels_last",
+               "folded": "folded BN + channels_last"}
 
 
 # ------------------------------------------------------------------ measurements (in the child process)
@@ -278,8 +280,7 @@ def plan(quick: bool, full: bool, device: str) -> list[dict]:
         for backbone, height, width in backbones:
             usual = (case, {"backbone": backbone, "height": height, "width": width, "mode": "fp32", key: count, "device": device})
             for mode in modes:
-                label = mode if mode == "channels_last" else f"{'folded BN' if mode == 'folded' else mode} + channels_last"
-                rows.append({"case": case, "size": f"{backbone} {height}x{width}, {label} vs fp32", "unit": "images/s", "usual": usual,
+                rows.append({"case": case, "size": f"{backbone} {height}x{width}, {MODE_LABELS[mode]} vs fp32", "unit": "images/s", "usual": usual,
                              "ours": (case, {**usual[1], "mode": mode})})
     return rows
 
