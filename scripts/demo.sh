@@ -21,7 +21,7 @@ done
 PY=${PYTHON:-python}
 case "$preset" in
   small) pretrain_opts=(); adapt_opts=() ;;
-  tiny) # a smoke test of the same pipeline in about 2 minutes
+  tiny) # a smoke test of the same pipeline (26 s once the synthetic data is generated)
     pretrain_opts=(optim.epochs=24 optim.milestones=[18] train.eval_every=12 data.num_pids=8)
     adapt_opts=(optim.epochs=5 optim.milestones=[10] adapt.iters=20 data.num_pids=4 cluster.k1=8 cluster.k2=3 cluster.min_samples=3) ;;
   *) echo "error: --preset must be small or tiny" >&2; exit 2 ;;
