@@ -43,6 +43,10 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from uda.cli import run_main  # noqa: E402
+from uda.distributed import DistInfo, pick_device  # noqa: E402
+from uda.errors import UdaError  # noqa: E402
+
 # (backbone, height, width) of our configs: the recipe's ResNet-50, the CPU demo's, the ImageNet CPU one
 BACKBONES = [("resnet50", 256, 128), ("resnet18_w16", 128, 64), ("mobilenet_v2", 128, 64)]
 MODES = ("fp32", "channels_last", "bf16", "compile")
@@ -360,6 +364,13 @@ def main(argv: list[str] | None = None) -> dict:
         spec = json.loads(args.child)
         print(json.dumps(MEASURES[spec["measure"]](**spec["kwargs"])))
         return {}
+    pick_device(DistInfo(), args.device)  # a misspelt or absent device: one line now, not a child's traceback per row
+    if not args.timeout > 0:
+        raise UdaError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    try:  # before the minutes of measuring whose table it will hold
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UdaError(f"cannot make the output folder {args.out}: {exc.strerror}") from None
     m = machine()
     rows = [r for r in plan(args.quick, args.full, args.device) if not args.only or r["case"] in args.only]
     lines = [f"Machine: {machine_line(m)}. Device: {args.device}." + (" --quick sizes: timings are not meaningful." if args.quick else ""), "",
@@ -379,7 +390,6 @@ def main(argv: list[str] | None = None) -> dict:
         row["usual_result"], row["ours_result"] = usual, ours
         lines.append(f"| {row['case']} | {row['size']} | {cell(usual, row['unit'])} | {cell(ours, row['unit'])} | {ratio(usual, ours, row['unit'])} |")
         print(lines[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     table = "\n".join(lines) + "\n"
     (args.out / "benchmark.md").write_text(table)
     report = {"machine": m, "device": args.device, "quick": args.quick,
@@ -390,4 +400,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -114,6 +114,12 @@ def test_variant_settings_are_checked_before_any_data(opt, message, tmp_path):
         adapt.main(["--source", "market", "--target", "duke", "--data-root", str(tmp_path / "nowhere"), "--opts", *opt.split()])
 
 
+def test_more_kmeans_clusters_than_target_images_is_refused_before_decoding(synth_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster.num_clusters=100000 is more than the \d+ train images of synth_duke"):
+        adapt.main(["--source", "synth_market", "--target", "synth_duke", "--data-root", str(synth_root), "--init", str(tmp_path / "none.pth"),
+                    "--opts", "data.synth_preset=tiny", "cluster.method=kmeans", "cluster.num_clusters=100000"])
+
+
 def test_every_variant_runs_and_resumes_exactly(synth_root, source_model, tmp_path):
     """All switches at once on the tiny preset: merged head, N(0, 0.001) rows, growing T, rows
     re-normalised each step, k-means; cut after epoch 1 and resumed, it ends as the straight run."""

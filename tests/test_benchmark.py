@@ -73,3 +73,15 @@ def test_quick_run_fills_the_whole_table(tmp_path, monkeypatch):
     assert len(rows) == len(report["rows"]) == 9
     assert not any("failed" in row for row in rows), table
     assert all(row.rstrip(" |").endswith("x") for row in rows), table  # every row has its ratio
+
+
+def test_bad_flags_are_refused_before_any_measurement(tmp_path):
+    from uda.errors import ConfigError, UdaError
+
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        benchmark.main(["--device", "tpu", "--out", str(tmp_path / "b")])
+    with pytest.raises(UdaError, match="--timeout must be > 0 seconds, got 0.0"):
+        benchmark.main(["--device", "cpu", "--timeout", "0", "--out", str(tmp_path / "b")])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UdaError, match="cannot make the output folder .*file/b"):
+        benchmark.main(["--device", "cpu", "--out", str(tmp_path / "file" / "b")])

@@ -63,3 +63,10 @@ def test_unreadable_or_foreign_files_fail_in_one_line(tmp_path):
     torch.save([1, 2], listed)
     with pytest.raises(UdaError, match="holds a list, not a checkpoint"):
         checkpoint.read(listed)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"a": 1, "weights": torch.zeros(2)}, foreign)  # a dict, but not ours nor a state dict
+    with pytest.raises(UdaError, match=r"foreign.pth holds a dict of \[a, weights\], neither a state dict nor a checkpoint"):
+        checkpoint.model_state(checkpoint.read(foreign), foreign)  # read: a run's own states are any dict; a model needs one of ours
+    torch.save({}, foreign)
+    with pytest.raises(UdaError, match=r"holds a dict of \[\], neither"):
+        checkpoint.model_state(checkpoint.read(foreign), foreign)

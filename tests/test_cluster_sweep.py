@@ -55,6 +55,13 @@ def test_out_of_range_settings_are_refused_not_reported_as_no_cluster(eps, min_s
         cluster_sweep.sweep(features, None, ids, eps=eps, min_samples=min_samples, k1=10, k2=3, device="cpu")
 
 
+def test_the_command_checks_its_settings_before_loading_a_model(tmp_path):
+    """No model file, no data: the bad setting is what is reported, before minutes of extraction."""
+    for flags, message in ((["--eps", "1.5"], r"--eps values must lie in \(0, 1\)"), (["--k1", "0"], "--k1 and --k2 must be >= 1, got k1 0")):
+        with pytest.raises(UdaError, match=message):
+            cluster_sweep.main(["--model", str(tmp_path / "none.pth"), "--dataset", "duke", *flags])
+
+
 def test_scores_are_shown_when_the_first_setting_finds_no_cluster():
     features, ids = blobs()
     rows = cluster_sweep.sweep(features, None, ids, eps=[0.5], min_samples=[40, 2], k1=10, k2=3, device="cpu")

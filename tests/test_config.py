@@ -53,6 +53,12 @@ def test_unknown_key_in_yaml_and_missing_file(tmp_path):
         load_config(DEFAULTS, path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(DEFAULTS, tmp_path / "missing.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("model:\n  backbone: r\xe9snet\n".encode("latin-1"))  # not UTF-8: one line, not a UnicodeDecodeError
+    with pytest.raises(ConfigError, match="latin1.yaml is not valid YAML"):
+        load_config(DEFAULTS, latin1)
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(DEFAULTS, tmp_path)
 
 
 def test_dump_round_trip(tmp_path):

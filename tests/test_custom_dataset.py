@@ -92,6 +92,7 @@ def test_folder_layout_errors_name_the_problem(tmp_path, make, message):
     ("split,path,pid\ntrain,a.jpg,1\ntrain,b.jpg,\nquery,q.jpg,1\ngallery,g.jpg,1\n", "some train images have ids and some do not"),
     ("split,path,pid\ntrain,a.jpg,1\nquery,q.jpg,1\ngallery,q.jpg,1\n", "q.jpg is listed twice among query and gallery"),
     ("split,path,pid\ntrain,missing.jpg,1\nquery,q.jpg,1\ngallery,g.jpg,1\n", "image .*missing.jpg does not exist"),
+    ("split,path,pid\ntrain,a,b.jpg,1\n", r"data.csv:2: 4 fields for the header's 3 columns \(split,path,pid\); quote a path"),
 ])
 def test_csv_errors_name_file_and_line(tmp_path, text, message):
     touch(tmp_path, "a.jpg", "b.jpg", "q.jpg", "g.jpg")
@@ -159,8 +160,10 @@ def test_adapt_to_an_unlabelled_camera_less_target(synth_root, source_model, tmp
         pretrain.main(["--source", str(target), "--opts", "device=cpu"])
 
 
-def test_camera_less_data_whose_queries_have_no_gallery_id_is_refused_when_loaded(tmp_path):
-    root = write_folder(tmp_path / "mine", cameras=False)
+@pytest.mark.parametrize("cameras", [False, True])
+def test_data_whose_queries_have_no_gallery_id_is_refused_when_loaded(tmp_path, cameras):
+    """With cameras too the message is about the ids, not a hint to drop the cameras."""
+    root = write_folder(tmp_path / "mine", cameras=cameras)
     shutil.rmtree(root / "gallery" / "10")
     with pytest.raises(DatasetError, match="no query id appears in the gallery"):
         load_dataset(str(root))
@@ -175,3 +178,10 @@ def test_csv_with_a_byte_order_mark(tmp_path):
     touch(tmp_path, "a.jpg", "q.jpg", "g.jpg")
     (tmp_path / "bom.csv").write_text("\ufeffsplit,path,pid\ntrain,a.jpg,1\nquery,q.jpg,1\ngallery,g.jpg,1\n", encoding="utf-8")
     assert len(load_dataset(str(tmp_path / "bom.csv")).train) == 1
+
+
+def test_a_csv_that_is_not_utf8_is_named(tmp_path):
+    touch(tmp_path, "a.jpg")
+    (tmp_path / "latin1.csv").write_bytes("split,path,pid\ntrain,caf\xe9.jpg,1\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1.csv is not UTF-8 text \(invalid .* at byte 24\): save it as a UTF-8 CSV"):
+        load_dataset(str(tmp_path / "latin1.csv"))

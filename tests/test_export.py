@@ -19,6 +19,7 @@ def test_onnx_features_equal_pytorchs_on_real_looking_images(source_model, synth
     record = export.main(["--model", str(source_model), "--out", str(out)])
     assert json.loads(out.with_suffix(".json").read_text()) == record
     assert (record["height"], record["width"], record["feature_dim"]) == (64, 32, 128)
+    assert export.written_opset(out) == record["opset"] == 18  # the record says what the file declares
     paths = [r.path for r in load_dataset("synth_duke", synth_root, synth_preset="tiny").query[:7]]
     extractor = uda.load_model(source_model, device="cpu")
     expected = extractor(paths).numpy()
@@ -28,3 +29,15 @@ def test_onnx_features_equal_pytorchs_on_real_looking_images(source_model, synth
         (got,) = session.run(["features"], {"images": batch.numpy()})
         assert got.shape == (len(batch), 128)
         np.testing.assert_allclose(got, expected[: len(batch)], atol=1e-4)
+
+
+def test_an_opset_the_exporter_did_not_write_is_an_error_not_a_wrong_record(source_model, tmp_path, monkeypatch):
+    """torch's converter gives up on some versions with a logged warning and keeps opset 18: the file and
+    a record claiming the version asked for must not both survive that."""
+    from uda.errors import UdaError
+
+    monkeypatch.setattr(export, "written_opset", lambda path: 18)  # as when the down-conversion failed
+    out = tmp_path / "model.onnx"
+    with pytest.raises(UdaError, match="could not write opset 17 \\(it wrote 18, now removed\\); use --opset 18"):
+        export.export_onnx(source_model, out, opset=17)
+    assert not out.exists() and not out.with_suffix(".json").exists()

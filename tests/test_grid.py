@@ -207,8 +207,16 @@ def test_a_cumulative_grid_pairs_each_row_with_the_row_above(grid_file, tmp_path
     (GRID.replace("no_erasing:", "no erasing:"), "must be letters, digits"),
     (GRID.replace("variants:", "paired: last\nvariants:"), r"paired must be one of \['first', 'previous'\]"),
     (GRID.replace("configs/uda/synth_market2synth_duke.yaml", "configs/uda/none.yaml"), "adapt_config .*configs/uda/none.yaml does not exist"),
+    (GRID.replace("name: toy", "name: ../../etc"), "name '../../etc' must be letters, digits"),  # would write outside --runs-dir
+    (GRID.replace("variants:", "variants: [\n"), "is not valid YAML"),
+    ("- a list\n", "must hold a mapping"),
+    (GRID.replace("opts: [data.synth_preset=tiny]", "opts: data.synth_preset=tiny"), "opts must be a list of key=value strings"),
+    (GRID.replace("{opts: [model.temperature=1.0], documents: \"31.7\"}", "just a string"), "variant 'T=1.0' must be a mapping"),
+    (GRID.replace("pretrain_opts: [data.erasing_p=0]", "pretrain_opts: [data.erasing_p]"), "variant 'no_erasing' pretrain_opts must be a list"),
 ])
 def test_grid_file_errors_name_the_key(tmp_path, text, message):
+    """One line each, naming the key or variant: a bad grid name could write outside --runs-dir, a bare string
+    of opts would be split into characters, both only noticed hours in."""
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
@@ -307,3 +315,21 @@ def test_machine_line_names_only_the_finished_runs(grid_file, tmp_path):
     (cut / "version.txt").write_text(f"commit: {'d' * 40}+dirty\nthreads: 2\ncpu: Y\ngpu: none\n")
     assert gridlib.machines(grid, [0], runs_dir) == (
         "Machine: X, gpu none, threads 1, commit abc; Y, gpu none, threads 2, commit dddddddddddd+dirty.")
+
+
+def test_a_bad_variant_setting_stops_the_grid_before_any_stage_runs(grid_file, tmp_path):
+    """The last variant's typo (or value out of range) is found before the first source model trains."""
+    ran = []
+    for opt, message in (("model.temperatur=1.0", "adapt of T=1.0 seed 0: unknown config key 'model.temperatur'; did you mean 'model.temperature'"),
+                         ("model.temperature=-1", "adapt of T=1.0 seed 1: model.temperature must be > 0")):
+        grid = gridlib.load_grid(grid_file)
+        grid.variants[1].opts = [opt]
+        seeds = [0] if "temperatur=" in opt else [1]
+        with pytest.raises(ConfigError, match=message):
+            gridlib.run_grid(grid, seeds, tmp_path / "runs", progress=lambda line: None, runner=lambda run, progress: ran.append(run))
+    grid_file.write_text(GRID.replace("opts: [data.synth_preset=tiny]", f"opts: [data.synth_preset=tiny]\nsource_model: {tmp_path / 'none.pth'}")
+                         .replace("  no_erasing: {pretrain_opts: [data.erasing_p=0]}\n", ""))
+    with pytest.raises(ConfigError, match="source_model .*none.pth does not exist; train it first"):
+        gridlib.run_grid(gridlib.load_grid(grid_file), [0], tmp_path / "runs", progress=lambda line: None,
+                         runner=lambda run, progress: ran.append(run))
+    assert ran == []

@@ -114,3 +114,40 @@ def test_a_kill_between_linking_and_saving_loses_no_older_checkpoint(tmp_path):
     saves(folder, [3], keep=3)  # the resumed run saves epoch 3 again
     assert [torch.load(folder / n)["epoch"] for n in ("last.pth", "last.1.pth", "last.2.pth")] == [3, 2, 1]
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_bad_one_elsewhere_named(tmp_path):
+    """A run killed while appending its evaluation leaves half a line: resume and the report go on
+    without it; a damaged line in the middle is an error naming the file and line, not a JSON traceback."""
+    import pytest
+
+    from uda.errors import UdaError
+
+    path = tmp_path / "run"
+    saves(path, [1, 2, 3])
+    metrics = path / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"epoch": 4, "set": {"mA')  # no newline: the write was cut
+    assert [r["epoch"] for r in read_metrics(path)] == [1, 2, 3]
+    run = RunDir(path, config(), resume=True)
+    run.drop_metrics_after(2)
+    run.close()
+    assert [r["epoch"] for r in read_metrics(metrics)] == [1, 2] and metrics.read_text().endswith("}\n")
+    lines = whole.splitlines(keepends=True)
+    metrics.write_text(lines[0] + "garbage\n" + lines[1])
+    with pytest.raises(UdaError, match=r"metrics.jsonl line 2 is not an evaluation record \('garbage'\)"):
+        read_metrics(path)
+    metrics.write_text(whole + '{"epoch": 4, "set": {"mA\n')  # cut, but ending in a newline: not a torn append
+    with pytest.raises(UdaError, match="line 4 is not an evaluation record"):
+        read_metrics(path)
+
+
+
+def test_a_run_folder_that_is_a_file_is_named(tmp_path):
+    import pytest
+
+    from uda.errors import UdaError
+
+    (tmp_path / "run").write_text("")
+    with pytest.raises(UdaError, match="the run folder .*run is a file; choose another --output-dir"):
+        RunDir(tmp_path / "run", config())

@@ -45,7 +45,10 @@ def test_set_backends_flushes_subnormals_in_every_cpu_thread(call_set_backends, 
     ("optim.name=adamw", "optim.name must be one of adam, sgd, got 'adamw'; did you mean 'adam'"),
     ("optim.schedule=poly", "optim.schedule must be one of step, cosine"),
     ("eval.ap=sklearn", "eval.ap must be one of noninterp, trapezoid"),
-    ("optim.lr=-1", r"optim.lr must be > 0, got -1"),
+    ("optim.lr=-1", r"optim.lr must be > 0 and finite, got -1"),
+    ("optim.lr=.inf", r"optim.lr must be > 0 and finite, got inf"),
+    ("optim.weight_decay=.nan", r"optim.weight_decay must be >= 0 and finite, got nan"),
+    ("data.mean=[a,b,c]", r"data.mean must be 3 numbers \(R, G, B\), got \['a', 'b', 'c'\]"),
     ("optim.epochs=0", "optim.epochs must be a whole number >= 1, got 0"),
     ("data.height=-5", "data.height must be at least 8 pixels, got -5"),
     ("eval.batch_size=0", "eval.batch_size must be a whole number >= 1"),
@@ -130,5 +133,17 @@ def test_margin_heads_take_their_own_default_margin_unless_one_is_set():
 
     assert head("model.head=arcface").margin == 0.5 and head("model.head=cosface").margin == 0.35
     assert head("model.head=arcface", "model.margin=0.3").margin == 0.3
-    with pytest.raises(ConfigError, match="model.margin must be >= 0, got 'wide'"):
+    with pytest.raises(ConfigError, match="model.margin must be >= 0 and finite, got 'wide'"):
         stage.check_settings(load_config(pretrain.DEFAULTS, None, ["model.margin=wide"]))
+
+
+def test_a_device_that_is_misspelt_or_absent_is_refused_before_any_work():
+    from uda.distributed import DistInfo, pick_device
+
+    assert pick_device(DistInfo(), "cpu") == torch.device("cpu")
+    assert pick_device(DistInfo(), "auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        pick_device(DistInfo(), "tpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=f"device=cuda:{gpus} but torch sees .*: use device=auto or device=cpu"):
+        pick_device(DistInfo(), f"cuda:{gpus}")  # one past the last GPU: on a CPU machine, cuda:0

@@ -65,3 +65,9 @@ def test_both_commands_on_the_tiny_preset(synth_root, source_model, tmp_path):
     assert Image.open(out).size[1] == 2 * ROW_H
     with pytest.raises(UdaError, match=r"epoch_002.npy does not exist: .* has pseudo-labels of epochs \[1\]"):
         visualize.main(["clusters", "--run", str(tmp_path / "run"), "--epoch", "2"])
+    (tmp_path / "run" / "pseudo_labels" / "epoch_001.npy").write_bytes(b"junk")
+    with pytest.raises(UdaError, match=r"cannot read .*epoch_001.npy \(ValueError"):
+        visualize.main(["clusters", "--run", str(tmp_path / "run"), "--epoch", "1"])
+    (tmp_path / "run" / "pseudo_labels" / "images.tsv").unlink()
+    with pytest.raises(UdaError, match="images.tsv does not exist: .* is not a complete adapt.py run folder"):
+        visualize.main(["clusters", "--run", str(tmp_path / "run"), "--epoch", "1"])

@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"cluster.camera_normalize=true needs camera ids, and {target.name} ({target.root}) has none: "
             f"pass --opts cluster.camera_normalize=false, or give its images cameras (names c<N>_..., or a camid column)"
         )
+    if cfg.cluster.method == "kmeans" and cfg.cluster.num_clusters > len(target.train):
+        raise ConfigError(f"cluster.num_clusters={cfg.cluster.num_clusters} is more than the {len(target.train)} train images of "
+                          f"{target.name}: k-means needs an image per cluster (set cluster.num_clusters to about its identity count)")
     init_path = Path(cfg.adapt.init) if cfg.adapt.init else default_init(cfg, source.name)
     seed_everything(cfg.seed)
     source_model = checkpoint.read(init_path, "source model")  # before any image is decoded: a wrong source model fails early

@@ -42,9 +42,14 @@ def read(path: str | Path, what: str = "model", *, advice: str = "") -> dict[str
     return checkpoint
 
 
-def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+def model_state(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> dict[str, torch.Tensor]:
     """The ReIDModel's state dict from either kind: model_final.pth's MODEL, or the "model." part of
-    last.pth's NET (the heads left out); DDP's "module." prefix removed."""
+    last.pth's NET (the heads left out); DDP's "module." prefix removed. UdaError naming `path` for a
+    dict of neither kind."""
+    if MODEL not in checkpoint and NET not in checkpoint:
+        keys = ", ".join(map(str, list(checkpoint)[:6])) + (", ..." if len(checkpoint) > 6 else "")
+        raise UdaError(f"{path} holds a dict of [{keys}], neither a state dict nor a checkpoint of pretrain.py / "
+                       f"adapt.py (which hold '{MODEL}' or '{NET}')")
     if MODEL in checkpoint:
         state = checkpoint[MODEL]
     else:

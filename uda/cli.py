@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from uda.errors import UdaError
@@ -23,6 +24,34 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
         "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3 data.num_workers=2"
     )
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (0 or less would fail only after minutes of extraction)."""
+    value = int(text)  # a ValueError is argparse's own "invalid positive_int value" line
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def output_file(*suffixes: str) -> Callable[[str], Path]:
+    """argparse type: a file to write at the end of a command, checked when the command line is read
+    (not a folder, one of `suffixes` when given) and its folder made, so the work done is not lost."""
+
+    def check(text: str) -> Path:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{path} is a folder; name the file to write in it")
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{path} must end in {' or '.join(suffixes)}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot make the folder of {path}: {exc.strerror}") from None
+        return path
+
+    check.__name__ = "output file"  # argparse names the type in its messages
+    return check
 
 
 def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from uda import stage
 from uda.adapt import memory_features
-from uda.cli import run_main
+from uda.cli import output_file, run_main
 from uda.cluster import cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
 from uda.errors import ClusteringError, UdaError
 
@@ -38,11 +38,7 @@ def sweep(features: torch.Tensor, camids: torch.Tensor | None, true_ids: np.ndar
     features: (N, D) target memory; camids: (N,) to remove each camera's mean first (None: as given).
     A setting under which DBSCAN finds no cluster gets a row with num_clusters 0 instead of stopping the sweep.
     """
-    if not eps or not min_samples:
-        raise UdaError("the sweep needs at least one eps and one min_samples")
-    eps_ok, min_samples_ok = stage.RANGES["cluster.eps"][0], stage.RANGES["cluster.min_samples"][0]  # adapt's own bounds
-    if not all(map(eps_ok, eps)) or not all(map(min_samples_ok, min_samples)):  # so that a caught ClusteringError means "no cluster"
-        raise UdaError(f"--eps values must lie in (0, 1) (Jaccard distances) and --min-samples be >= 1, got eps {eps}, min_samples {min_samples}")
+    check_sweep(eps, min_samples, k1, k2)
     grouped = remove_camera_means(features, camids) if camids is not None else features
     distances = jaccard_distance(grouped, k1=k1, k2=k2, device=device, max_distance=max(eps))
     rows = []
@@ -54,6 +50,18 @@ def sweep(features: torch.Tensor, camids: torch.Tensor | None, true_ids: np.ndar
                 stats = {"num_clusters": 0, "outlier_fraction": 1.0}
             rows.append({"eps": e, "min_samples": m, **stats})
     return rows
+
+
+def check_sweep(eps: list[float], min_samples: list[int], k1: int, k2: int) -> None:
+    """adapt's own bounds for the swept settings, checked before any feature is extracted (and so that a
+    caught ClusteringError in the sweep means "no cluster", not a bad setting)."""
+    if not eps or not min_samples:
+        raise UdaError("the sweep needs at least one eps and one min_samples")
+    eps_ok, min_samples_ok = stage.RANGES["cluster.eps"][0], stage.RANGES["cluster.min_samples"][0]
+    if not all(map(eps_ok, eps)) or not all(map(min_samples_ok, min_samples)):
+        raise UdaError(f"--eps values must lie in (0, 1) (Jaccard distances) and --min-samples be >= 1, got eps {eps}, min_samples {min_samples}")
+    if k1 < 1 or k2 < 1:
+        raise UdaError(f"--k1 and --k2 must be >= 1, got k1 {k1}, k2 {k2}")
 
 
 def format_rows(rows: list[dict], num_ids: int | None) -> str:
@@ -80,9 +88,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--k1", type=int, default=30)
     parser.add_argument("--k2", type=int, default=6)
     parser.add_argument("--camera-normalize", action="store_true", help="remove each camera's mean feature first (cluster.camera_normalize=true)")
-    parser.add_argument("--out", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--out", type=output_file(".json"), help="also write the rows as JSON")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. data.num_workers=2")
     args = parser.parse_args(argv)
+    check_sweep(args.eps, args.min_samples, args.k1, args.k2)
 
     model, cfg, device = stage.inference_model(args.model, args.opts, args.data_root)
     dataset = stage.load_named_dataset(args.dataset, cfg, "target")

@@ -95,10 +95,11 @@ def load_config(defaults: dict, path: str | Path | None = None, opts: Iterable[s
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/ for the shipped ones")
+            what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what}; see configs/ for the shipped ones")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")

@@ -6,6 +6,7 @@ writes checkpoints while the others wait at a barrier.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,19 @@ def barrier(info: DistInfo) -> None:
 
 
 def pick_device(info: DistInfo, requested: str = "auto") -> torch.device:
-    """'auto' -> this process's GPU when there is one, else the CPU."""
+    """'auto' -> this process's GPU when there is one, else the CPU; 'cpu', 'cuda' or 'cuda:N' as asked,
+    checked here (before any image is decoded) so a typo or a missing GPU is one clear line."""
     if requested == "auto":
         return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", str(requested))
+    if match is None:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    if requested != "cpu":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(match.group(1) or 0)
+        if index >= count:
+            found = f"{count} CUDA GPU{'s' if count != 1 else ''}" if count else "no CUDA GPU (torch.cuda.is_available() is False)"
+            raise ConfigError(f"device={requested} but torch sees {found}: use device=auto or device=cpu")
     return torch.device(requested)
 
 

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as `python uda/evaluate.py`: import the pac
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from uda import stage
-from uda.cli import run_main
+from uda.cli import output_file, run_main
 from uda.report import publish
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", required=True, type=Path, help="model_final.pth or last.pth of pretrain.py / adapt.py")
     parser.add_argument("--dataset", required=True, nargs="+", help="test sets: market, duke, msmt17, synth_market, synth_duke")
     parser.add_argument("--data-root", help="folder holding the datasets (default: the saved config's, else $UDA_DATA, else ./data)")
-    parser.add_argument("--json", type=Path, help="also write {set: {mAP, mINP, rank1, rank5, rank10}} here")
+    parser.add_argument("--json", type=output_file(".json"), help="also write {set: {mAP, mINP, rank1, rank5, rank10}} here")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.rerank=true")
     args = parser.parse_args(argv)
 

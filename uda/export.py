@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uda import stage
-from uda.cli import run_main
+from uda.cli import output_file, run_main
 from uda.errors import UdaError
 
 
@@ -58,6 +58,11 @@ def export_onnx(path: str | Path, out: str | Path, opset: int = 18) -> dict:
         )
     except ImportError as exc:
         raise UdaError(f"ONNX export needs onnx and onnxscript (pip install -e '.[test]'): {exc}") from None
+    written = written_opset(out)
+    if written != opset:  # torch's converter gives up on some versions with a logged warning, keeping its own
+        out.unlink()
+        raise UdaError(f"torch's ONNX exporter could not write opset {opset} (it wrote {written}, now removed); "
+                       f"use --opset {written} or another version its converter supports")
     record = {
         "model": str(path), "input": "images", "output": "features", "height": cfg.data.height, "width": cfg.data.width,
         "mean": list(cfg.data.mean), "std": list(cfg.data.std), "flip": cfg.eval.flip, "feature_dim": model.feature_dim,
@@ -67,10 +72,18 @@ def export_onnx(path: str | Path, out: str | Path, opset: int = 18) -> dict:
     return record
 
 
+def written_opset(path: Path) -> int:
+    """The default-domain opset version an ONNX file declares (what a runtime will load it as)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="model_final.pth or last.pth of pretrain.py / adapt.py")
-    parser.add_argument("--out", required=True, type=Path, help="the .onnx file to write (its .json beside it)")
+    parser.add_argument("--out", required=True, type=output_file(".onnx"), help="the .onnx file to write (its .json beside it)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     args = parser.parse_args(argv)
     record = export_onnx(args.model, args.out, args.opset)

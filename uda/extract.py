@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from uda import stage
-from uda.cli import run_main
+from uda.cli import output_file, positive_int, run_main
 from uda.config import Config
 from uda.data import test_transform
 from uda.data.images import read_image
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> np.ndarray:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="model_final.pth or last.pth of pretrain.py / adapt.py")
     parser.add_argument("--images", required=True, help="a folder of images, or a text file with one image path per line")
-    parser.add_argument("--out", required=True, type=Path, help="features file (.npy); .paths.txt and .json are written beside it")
-    parser.add_argument("--batch-size", type=int, help="images per forward (default: the run's eval.batch_size)")
+    parser.add_argument("--out", required=True, type=output_file(), help="features file (.npy); .paths.txt and .json are written beside it")
+    parser.add_argument("--batch-size", type=positive_int, help="images per forward (default: the run's eval.batch_size)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.flip=false")
     args = parser.parse_args(argv)

@@ -57,6 +57,7 @@ GRID_KEYS = {"name", "source", "target", "pretrain_config", "adapt_config", "opt
 PAIRED = ("first", "previous")  # what a row's paired difference is from: the first row, or the row above
 VARIANT_KEYS = {"opts", "pretrain_opts", "documents"}
 METRICS = ("mAP", "rank1", "rank5", "rank10")
+NAME = re.compile(r"[\w.=+-]+")  # a grid's or variant's name: it names a folder, so no path separators
 
 
 @dataclass
@@ -88,7 +89,12 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist; see configs/ablations/")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"grid file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"grid file {path} must hold a mapping (name, source, target, ...), not {type(data).__name__}")
     unknown = set(data) - GRID_KEYS
     missing = {"name", "source", "target", "pretrain_config", "adapt_config", "variants"} - set(data)
     if unknown or missing:
@@ -97,13 +103,21 @@ def load_grid(path: str | Path) -> Grid:
             + ([f"missing keys {sorted(missing)}"] if missing else [])))
     if not isinstance(data["variants"], dict) or not data["variants"]:
         raise ConfigError(f"{path}: variants must be a mapping of name -> {{opts, pretrain_opts, documents}}")
+    if not NAME.fullmatch(str(data["name"])):
+        raise ConfigError(f"{path}: name {data['name']!r} must be letters, digits and . = + - _ (it names the grid's folder and files)")
+    for key in ("opts", "pretrain_opts", "adapt_opts"):
+        check_opts(data.get(key, []), f"{path}: {key}")
     variants = []
     for name, spec in data["variants"].items():
         spec = spec or {}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{path}: variant {name!r} must be a mapping {{opts: [...], documents: ...}}, not {spec!r}")
         if set(spec) - VARIANT_KEYS:
             raise ConfigError(f"{path}: variant {name!r} has unknown keys {sorted(set(spec) - VARIANT_KEYS)} (known: {sorted(VARIANT_KEYS)})")
-        if not re.fullmatch(r"[\w.=+-]+", str(name)):
+        if not NAME.fullmatch(str(name)):
             raise ConfigError(f"{path}: variant name {name!r} must be letters, digits and . = + - _ (it names a folder)")
+        for key in ("opts", "pretrain_opts"):
+            check_opts(spec.get(key, []), f"{path}: variant {name!r} {key}")
         variants.append(Variant(str(name), list(spec.get("opts", [])), list(spec.get("pretrain_opts", [])), str(spec.get("documents", ""))))
     for key in ("pretrain_config", "adapt_config", "source_model"):
         if data.get(key):
@@ -118,6 +132,13 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(data["name"], data["source"], data["target"], data["pretrain_config"], data["adapt_config"],
                 list(data.get("opts", [])), list(data.get("pretrain_opts", [])), variants, str(data.get("description", "")),
                 data.get("source_model"), list(data.get("adapt_opts", [])), paired)
+
+
+def check_opts(opts, where: str) -> None:
+    """A grid file's opts must be a YAML list of key=value strings: a bare string would be split into
+    characters, which the stages would reject only when they start, maybe hours into the grid."""
+    if not isinstance(opts, list) or not all(isinstance(opt, str) and "=" in opt for opt in opts):
+        raise ConfigError(f"{where} must be a list of key=value strings, e.g. [optim.epochs=3], not {opts!r}")
 
 
 def resolve(value: str) -> str:
@@ -219,6 +240,23 @@ def check_same_settings(run: Run) -> None:
                           "to run it again, or restore the grid file") from None
 
 
+def check_planned(grid: Grid, todo: list[Run]) -> None:
+    """Every stage still to run gets a config its stage accepts, and a given source model exists: a
+    typo in one variant's opts fails now, not when that variant starts hours into the grid."""
+    if grid.source_model and any(run.stage == "adapt" for run in todo) and not Path(grid.source_model).is_file():
+        raise ConfigError(f"grid {grid.name}: source_model {grid.source_model} does not exist; train it first "
+                          "(the grid file's header names the command)")
+    from uda.adapt import check_adapt_settings
+
+    for run in todo:
+        try:
+            cfg = planned_config(run)
+            if run.stage == "adapt":
+                check_adapt_settings(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"grid {grid.name}, {run.stage} of {run.label}: {exc}") from None
+
+
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) ")
 
 
@@ -252,6 +290,7 @@ def run_grid(grid: Grid, seeds: list[int], runs_dir: Path, progress: Callable[[s
         if run.done or run.started:
             check_same_settings(run)
     todo = [r for r in runs if not r.done]
+    check_planned(grid, todo)
     progress(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run"
              + (f", {jobs} at a time" if jobs > 1 else ""))
     if jobs > 1:

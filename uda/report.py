@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from uda.cli import run_main
+from uda.cli import output_file, run_main
 from uda.errors import UdaError
 from uda.runlog import read_metrics
 
@@ -38,8 +38,18 @@ def collect(adapt_dir: Path, target: str, oracle_dir: Path | None = None) -> dic
             rows["oracle"] = evaluation(oracle_dir, target + suffix, "last")
         results.update({f"{name}{suffix}": row for name, row in rows.items() if row is not None})
     if "direct" not in results or results["direct"]["epoch"] != 0:
-        raise UdaError(f"{adapt_dir} has no epoch-0 (direct transfer) evaluation of '{target}'")
+        raise UdaError(f"{adapt_dir} has no epoch-0 (direct transfer) evaluation of '{target}' "
+                       f"(it evaluated {evaluated_sets(adapt_dir)}): an adapt.py run's folder and its --target")
+    if oracle_dir is not None and "oracle" not in results:
+        raise UdaError(f"{oracle_dir} has no evaluation of '{target}' (it evaluated {evaluated_sets(oracle_dir)}): "
+                       f"the oracle is a pretrain.py run on the target's labels (--source {target})")
     return results
+
+
+def evaluated_sets(run_dir: Path) -> str:
+    """The test sets a run folder's metrics.jsonl holds, for an error message."""
+    names = sorted({name for record in read_metrics(Path(run_dir) / "metrics.jsonl") for name in record if name != "epoch"})
+    return ", ".join(names) or "none"
 
 
 def markdown_table(results: dict, title: str) -> str:
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapt", required=True, type=Path, help="run folder of uda/adapt.py")
     parser.add_argument("--target", required=True, help="target dataset name as evaluated (e.g. duke)")
     parser.add_argument("--oracle", type=Path, help="run folder of a pretrain run on the target's labels")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=output_file(".json"), help="also write the results here")
     args = parser.parse_args(argv)
     results = collect(args.adapt, args.target, args.oracle)
     publish(results, f"{args.target} (target test)", args.json)

@@ -145,6 +145,8 @@ class RunDir:
         self.keep_checkpoints = int(cfg.get("train", {}).get("keep_checkpoints", 2))
         if not is_main:
             return
+        if self.path.exists() and not self.path.is_dir():
+            raise UdaError(f"the run folder {self.path} is a file; choose another --output-dir")
         checkpoints = self.checkpoint_files()
         if checkpoints and not resume:
             raise UdaError(
@@ -317,7 +319,25 @@ def _age(path: Path, last: Path) -> int | None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All evaluation records of a run folder's metrics.jsonl, in order."""
+    """All evaluation records of a run folder's metrics.jsonl, in order. A last line cut short (no newline
+    after it: a run killed while appending it) is left out, so the run resumes and its report reads; any
+    other line that is not a JSON record is an error naming the file and line."""
     path = Path(path)
     file = path / "metrics.jsonl" if path.is_dir() else path
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    text = file.read_text(errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "epoch" not in record:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the torn last write of a killed run: that evaluation is run again on resume
+            raise UdaError(f"{file} line {number} is not an evaluation record ({line[:80]!r}): "
+                           "a metrics.jsonl holds one JSON object with an 'epoch' per line")
+        records.append(record)
+    return records

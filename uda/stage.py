@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -150,7 +151,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.ap": AP_DEFINITIONS,
     "cluster.knn_backend": KNN_BACKENDS,
 }
-_POSITIVE, _NON_NEGATIVE, _PROBABILITY = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+_POSITIVE, _NON_NEGATIVE = (lambda v: 0 < v < math.inf, "> 0 and finite"), (lambda v: 0 <= v < math.inf, ">= 0 and finite")
+_PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _AT_LEAST_ONE, _AT_LEAST_TWO = (lambda v: v >= 1, "a whole number >= 1"), (lambda v: v >= 2, "a whole number >= 2")
 # Numeric settings -> (test, what the value must be). Keys a stage does not have are skipped.
 RANGES: dict[str, tuple] = {
@@ -158,8 +160,8 @@ RANGES: dict[str, tuple] = {
     "data.num_pids": (_AT_LEAST_TWO[0], "a whole number >= 2 (the triplet loss needs other identities)"),
     "data.num_instances": (_AT_LEAST_TWO[0], "a whole number >= 2 (the triplet loss needs a positive)"),
     "data.num_workers": _NON_NEGATIVE, "data.subset_ids": _NON_NEGATIVE, "data.pad": _NON_NEGATIVE,
-    "data.mean": (lambda v: len(v) == 3, "3 numbers (R, G, B)"),
-    "data.std": (lambda v: len(v) == 3 and all(x > 0 for x in v), "3 numbers > 0 (R, G, B)"),
+    "data.mean": (lambda v: len(v) == 3 and all(math.isfinite(x) for x in v), "3 numbers (R, G, B)"),
+    "data.std": (lambda v: len(v) == 3 and all(0 < x < math.inf for x in v), "3 numbers > 0 (R, G, B)"),
     "data.flip_p": _PROBABILITY, "data.erasing_p": _PROBABILITY, "data.synth_seed": _NON_NEGATIVE,
     "model.last_stride": (lambda v: v in (1, 2), "1 (strong baseline) or 2 (plain)"),
     "model.embedding_dim": _NON_NEGATIVE, "model.temperature": _POSITIVE, "model.scale": _POSITIVE, "model.margin": _NON_NEGATIVE,
@@ -447,7 +449,7 @@ def check_model_settings(cfg: Config, saved: dict, path: str | Path) -> None:
 
 def load_model_weights(model: ReIDModel, saved: dict, path: str | Path) -> None:
     """Put a checkpoint's ReID model (uda.checkpoint.read: model_final.pth, or a run's last.pth) into `model`."""
-    state, own = checkpoint.model_state(saved), model.state_dict()
+    state, own = checkpoint.model_state(saved, path), model.state_dict()
     missing = [key for key in own if key not in state]
     unexpected = [key for key in state if key not in own]
     wrong = [f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in state if key in own and state[key].shape != own[key].shape]

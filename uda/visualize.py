@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from uda.cli import run_main
+from uda.cli import output_file, positive_int, run_main
 from uda.errors import UdaError
 
 TILE = (64, 128)  # width, height of each picture
@@ -124,8 +124,14 @@ def clusters(args: argparse.Namespace) -> Path:
     if not labels_file.is_file():
         have = sorted(int(p.stem.split("_")[1]) for p in folder.glob("epoch_*.npy"))
         raise UdaError(f"{labels_file} does not exist: {args.run} has pseudo-labels of epochs {have or 'none'} (adapt.py writes them)")
-    labels = np.load(labels_file)
-    lines = (folder / "images.tsv").read_text().splitlines()
+    index = folder / "images.tsv"
+    if not index.is_file():
+        raise UdaError(f"{index} does not exist: {args.run} is not a complete adapt.py run folder (adapt.py writes it with the first pseudo-labels)")
+    try:
+        labels = np.load(labels_file, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UdaError(f"cannot read {labels_file} ({type(exc).__name__}: {str(exc)[:120]})") from None
+    lines = index.read_text().splitlines()
     paths = [line.rsplit("\t", 1)[0] for line in lines]
     true_ids = np.array([int(line.rsplit("\t", 1)[1]) for line in lines])
     ids, sizes = np.unique(labels[labels >= 0], return_counts=True)
@@ -146,14 +152,14 @@ def main(argv: list[str] | None = None) -> Path:
     r.add_argument("--model", required=True, help="model_final.pth or last.pth")
     r.add_argument("--dataset", required=True, help="whose test set (a name or your own data's path)")
     r.add_argument("--data-root")
-    r.add_argument("--queries", type=int, default=8)
+    r.add_argument("--queries", type=positive_int, default=8)
     r.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE")
     c = commands.add_parser("clusters", help="sample images of a few pseudo-identities")
     c.add_argument("--run", required=True, help="an adapt.py run folder")
     c.add_argument("--epoch", type=int, required=True)
-    c.add_argument("--clusters", type=int, default=6)
+    c.add_argument("--clusters", type=positive_int, default=6)
     for sub in (r, c):
-        sub.add_argument("--out", help="picture to write, .png or .jpg (default ranks_<dataset>.png / clusters_epoch<E>.png)")
+        sub.add_argument("--out", type=output_file(".png", ".jpg", ".jpeg"), help="picture to write, .png or .jpg (default ranks_<dataset>.png / clusters_epoch<E>.png)")
         sub.add_argument("--seed", type=int, default=0, help="which queries / clusters are drawn")
     args = parser.parse_args(argv)
     out = ranks(args) if args.command == "ranks" else clusters(args)

@@ -20,6 +20,7 @@ normalisation of the clusters is refused.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
@@ -98,26 +99,33 @@ def _folder_rows(root: Path) -> list[Row]:
 
 
 def _csv_rows(path: Path) -> list[Row]:
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a spreadsheet's byte-order mark is not a column name
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or ()]
-        missing = [c for c in ("split", "path") if c not in columns]
-        if missing:
-            raise DatasetError(
-                f"{path}: the header must name the columns split,path and optionally pid,camid; "
-                f"got {','.join(columns) or 'an empty file'} (missing {', '.join(missing)})"
-            )
-        rows: list[Row] = []
-        for line, raw in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-            split = row["split"]
-            if split not in SPLITS:
-                raise DatasetError(f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-            if not row["path"]:
-                raise DatasetError(f"{path}:{line}: empty path")
-            image = Path(row["path"]).expanduser()
-            image = image if image.is_absolute() else path.parent / image
-            rows.append((split, str(image), row.get("pid") or None, row.get("camid") or None))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a spreadsheet's byte-order mark is not a column name
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as a UTF-8 CSV file") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip() for c in reader.fieldnames or ()]
+    missing = [c for c in ("split", "path") if c not in columns]
+    if missing:
+        raise DatasetError(
+            f"{path}: the header must name the columns split,path and optionally pid,camid; "
+            f"got {','.join(columns) or 'an empty file'} (missing {', '.join(missing)})"
+        )
+    rows: list[Row] = []
+    for line, raw in enumerate(reader, start=2):
+        if None in raw:  # DictReader's key for the fields past the header's columns
+            raise DatasetError(f"{path}:{line}: {len(columns) + len(raw[None])} fields for the header's {len(columns)} columns "
+                               f"({','.join(columns)}); quote a path that holds a comma")
+        row = {k.strip(): (v or "").strip() for k, v in raw.items()}
+        split = row["split"]
+        if split not in SPLITS:
+            raise DatasetError(f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if not row["path"]:
+            raise DatasetError(f"{path}:{line}: empty path")
+        image = Path(row["path"]).expanduser()
+        image = image if image.is_absolute() else path.parent / image
+        rows.append((split, str(image), row.get("pid") or None, row.get("camid") or None))
     return rows
 
 
@@ -166,15 +174,15 @@ def _check_query_matches(name: str, query: list[ImageRecord], gallery: list[Imag
     cameras_of: dict[int, set[int]] = {}
     for r in gallery:
         cameras_of.setdefault(r.pid, set()).add(r.camid)
+    if not any(q.pid in cameras_of for q in query):  # first: with or without cameras, nothing to score
+        raise DatasetError(f"{name}: no query id appears in the gallery, so no query can be scored; query/<id>/ and "
+                           f"gallery/<id>/ must share ids")
     if cameras and not any(cameras_of.get(q.pid, set()) - {q.camid} for q in query):
         raise DatasetError(
             f"{name}: no query has a gallery image of its id from another camera (one camera?), and the Market-1501 "
             f"protocol scores only those; drop the camera ids (no c<N>_ name prefix, no camid column) to evaluate "
             f"with the no-camera protocol, which keeps same-camera matches"
         )
-    if not cameras and not any(q.pid in cameras_of for q in query):
-        raise DatasetError(f"{name}: no query id appears in the gallery, so no query can be scored; query/<id>/ and "
-                           f"gallery/<id>/ must share ids")
 
 
 def _natural(name: str) -> tuple:

@@ -44,7 +44,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file: a plain one, or a checkpoint of ours (its ReID model)."""
     if not path.is_file():
         raise UdaError(f"pretrained weights file {path} does not exist; fix the path or use pretrained: none")
-    state = checkpoint.model_state(checkpoint.read(path, "pretrained weights"))
+    state = checkpoint.model_state(checkpoint.read(path, "pretrained weights"), path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UdaError(f"{path} holds no state dict (expected name -> tensor, or a checkpoint with a 'model' key)")
     return state
@@ -141,7 +141,7 @@ def imagenet_state_dict(name: str, weights: tvm.WeightsEnum) -> tuple[dict[str, 
     official = f"torchvision {weights} ({cache})"
     if cache.is_file():  # an unreadable or torn file is fixed by providing a good copy
         advice = f"; replace it with a good copy of {weights.url} or pass pretrained: PATH"
-        return checkpoint.model_state(checkpoint.read(cache, "ImageNet weights", advice=advice)), official
+        return checkpoint.model_state(checkpoint.read(cache, "ImageNet weights", advice=advice), cache), official
     offline = OFFLINE_IMAGENET.get(name)
     found = offline() if offline is not None else None
     if found is not None:

@@ -1,0 +1,36 @@
+"""uda.cli's argparse types: counts and output files are checked when the command line is read, before
+minutes of extraction whose result would then be lost."""
+import argparse
+
+import pytest
+
+from uda.cli import output_file, positive_int
+
+
+def parser():
+    p = argparse.ArgumentParser(exit_on_error=False)
+    p.add_argument("--queries", type=positive_int)
+    p.add_argument("--out", type=output_file(".png", ".jpg"))
+    return p
+
+
+def test_a_count_must_be_at_least_one():
+    assert parser().parse_args(["--queries", "3"]).queries == 3
+    for bad in ("0", "-3", "two"):
+        with pytest.raises(argparse.ArgumentError, match="--queries"):
+            parser().parse_args(["--queries", bad])
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a whole number >= 1, got 0"):
+        positive_int("0")
+
+
+def test_an_output_file_gets_its_folder_and_a_wrong_suffix_or_a_folder_is_refused(tmp_path):
+    out = parser().parse_args(["--out", str(tmp_path / "new" / "deeper" / "ranks.PNG")]).out
+    assert out == tmp_path / "new" / "deeper" / "ranks.PNG" and out.parent.is_dir() and not out.exists()
+    with pytest.raises(argparse.ArgumentTypeError, match=r"r.txt must end in .png or .jpg"):
+        output_file(".png", ".jpg")(str(tmp_path / "r.txt"))
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder; name the file to write in it"):
+        output_file()(str(tmp_path))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot make the folder of .*file/x.json"):
+        output_file(".json")(str(tmp_path / "file" / "x.json"))
+    assert output_file()(str(tmp_path / "features")) == tmp_path / "features"  # no suffix asked for: any name
