@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from uda.cli import output_file, positive_int
+from uda.cli import output_file, output_folder, positive_int
 
 
 def parser():
@@ -34,3 +34,15 @@ def test_an_output_file_gets_its_folder_and_a_wrong_suffix_or_a_folder_is_refuse
     with pytest.raises(argparse.ArgumentTypeError, match="cannot make the folder of .*file/x.json"):
         output_file(".json")(str(tmp_path / "file" / "x.json"))
     assert output_file()(str(tmp_path / "features")) == tmp_path / "features"  # no suffix asked for: any name
+
+
+def test_an_output_folder_may_be_new_or_a_folder_but_not_a_file(tmp_path, capsys):
+    assert output_folder(str(tmp_path / "runs" / "grid")) == tmp_path / "runs" / "grid"  # made later, by the run
+    assert output_folder(str(tmp_path)) == tmp_path
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(argparse.ArgumentTypeError, match="notes.txt is a file, not a folder"):
+        output_folder(str(tmp_path / "notes.txt"))
+    from uda.grid import main as grid_main  # the grid runner refuses it before loading the grid file
+    with pytest.raises(SystemExit) as stop:
+        grid_main(["no-such-grid.yaml", "--runs-dir", str(tmp_path / "notes.txt")])
+    assert stop.value.code == 2 and "notes.txt is a file, not a folder" in capsys.readouterr().err

@@ -54,6 +54,18 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
     return check
 
 
+def output_folder(text: str) -> Path:
+    """argparse type: a folder to write runs into, refused at once when a file holds its name (else the
+    first stage would stop on it, minutes or hours in)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    return path
+
+
+output_folder.__name__ = "output folder"
+
+
 def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run an entry point; a UdaError (bad path, bad config, NaN loss...) is printed as one line, exit 2."""
     try:

@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
+from uda.cli import output_folder, positive_int
 from uda.errors import ConfigError, UdaError
 from uda.report import collect, evaluation
 from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, check_resumable, read_metrics
@@ -485,10 +486,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("grid", help="a grid file, e.g. configs/ablations/temperature.yaml")
     parser.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2],
                         help="N: seeds 0..N-1 per variant (default 3); A-B: seeds A..B, e.g. the ones another machine has not run")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/grid"), help="where the runs go (default runs/grid)")
+    parser.add_argument("--runs-dir", type=output_folder, default=Path("runs/grid"), help="where the runs go (default runs/grid)")
     parser.add_argument("--only", nargs="+", help="run and report only these variants")
     parser.add_argument("--report-only", action="store_true", help="write the table and plots from the runs there are")
-    parser.add_argument("--jobs", type=int, default=1, help="stages run at once, each with cores / jobs CPU threads (default 1)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="stages run at once, each with cores / jobs CPU threads (default 1)")
     args = parser.parse_args(argv)
     grid = load_grid(args.grid)
     if args.only:
@@ -496,8 +497,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if unknown:
             raise ConfigError(f"--only {sorted(unknown)}: not variants of {grid.name} ({', '.join(v.name for v in grid.variants)})")
         grid.variants = [v for v in grid.variants if v.name in args.only]
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     seeds = args.seeds
     runs_dir = args.runs_dir.absolute()
     if not args.report_only:
