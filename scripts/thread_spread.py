@@ -20,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from uda.cli import run_main  # noqa: E402
+from uda.cli import output_folder, run_main  # noqa: E402
 from uda.grid import Run, run_stage  # noqa: E402
 from uda.report import collect  # noqa: E402
 from uda.runlog import FINAL_MODEL  # noqa: E402
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--deterministic", action="store_true", help="deterministic=true in both stages")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/threads"))
+    parser.add_argument("--runs-dir", type=output_folder, default=Path("runs/threads"))
     args = parser.parse_args(argv)
     common = [f"data.synth_preset={args.preset}", "device=cpu"] + (TINY if args.preset == "tiny" else [])
     common += ["deterministic=true"] if args.deterministic else []

@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 from uda.cli import output_file, output_folder, positive_int
+from uda.grid import main as grid_main
 
 
 def parser():
@@ -42,7 +43,6 @@ def test_an_output_folder_may_be_new_or_a_folder_but_not_a_file(tmp_path, capsys
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(argparse.ArgumentTypeError, match="notes.txt is a file, not a folder"):
         output_folder(str(tmp_path / "notes.txt"))
-    from uda.grid import main as grid_main  # the grid runner refuses it before loading the grid file
     with pytest.raises(SystemExit) as stop:
-        grid_main(["no-such-grid.yaml", "--runs-dir", str(tmp_path / "notes.txt")])
+        grid_main(["no-such-grid.yaml", "--runs-dir", str(tmp_path / "notes.txt")])  # before reading the grid file
     assert stop.value.code == 2 and "notes.txt is a file, not a folder" in capsys.readouterr().err
