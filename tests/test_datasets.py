@@ -241,7 +241,8 @@ def test_msmt17_missing_image_list_file_and_folders(tmp_path):
 
 
 def test_msmt17_pid_is_the_label_orig_pid_the_file_name_id(tmp_path):
-    lists = dict(MSMT_LISTS, **{"list_query.txt": ["0000/0000_000_07_0303morning_0015_0.jpg 5"]})
+    lists = dict(MSMT_LISTS, **{"list_query.txt": ["0000/0000_000_07_0303morning_0015_0.jpg 5"],
+                                "list_gallery.txt": ["0000/0000_001_08_0303noon_0016_0.jpg 5"]})
     dataset = parse_msmt17(write_msmt(tmp_path / "MSMT17_V1", "MSMT17_V1", lists))
     assert [(r.pid, r.camid, r.orig_pid) for r in dataset.query] == [(5, 6, 0)]
 
@@ -250,6 +251,33 @@ def test_msmt17_empty_list_is_an_error(tmp_path):
     root = write_msmt(tmp_path / "MSMT17_V1", "MSMT17_V1", dict(MSMT_LISTS, **{"list_query.txt": []}))
     with pytest.raises(DatasetError, match="list_query.txt names no images"):
         parse_msmt17(root)
+
+
+@pytest.mark.parametrize("name, make, problem", [
+    # Duke's query 0005 (camera 3) keeps only a gallery image from its own camera
+    ("duke", lambda root: (root / "bounding_box_test" / "0005_c4_f0000004.jpg").rename(
+        root / "bounding_box_test" / "0005_c3_f0000004.jpg"), "no query has a gallery image of its id from another camera"),
+    ("market", lambda root: (root / "bounding_box_test" / "0002_c3s1_000001_01.jpg").unlink(),
+     "no query id appears in the gallery"),
+    # another dataset's query folder copied over Market's
+    ("market", lambda root: [(root / "query" / name).unlink() for name in ("0002_c2s1_000001_00.jpg", "0010_c4s3_000002_00.jpg")]
+     + [touch(root / "query", "0777_c1s1_000001_00.jpg")], "no query id appears in the gallery"),
+])
+def test_built_in_test_splits_that_cannot_be_scored_are_refused_when_parsed(tmp_path, name, make, problem):
+    """The check custom data gets: such a folder would fail at the first evaluation, after training."""
+    root = (write_market if name == "market" else write_duke)(tmp_path / name)
+    make(root)
+    with pytest.raises(DatasetError, match=f"{name}: {problem}.* do not belong together: re-extract {name}"):
+        (parse_market if name == "market" else parse_duke)(root)
+
+
+def test_msmt17_test_lists_that_cannot_be_scored_are_refused(tmp_path):
+    lists = dict(MSMT_LISTS, **{"list_gallery.txt": ["0003/0003_000_12_0113morning_0001_3.jpg 3"]})
+    with pytest.raises(DatasetError, match="msmt17: no query id appears in the gallery"):
+        parse_msmt17(write_msmt(tmp_path / "MSMT17_V1", "MSMT17_V1", lists))
+    lists = dict(MSMT_LISTS, **{"list_gallery.txt": ["0000/0000_000_07_0303morning_0016_0.jpg 0"]})  # query's camera 07
+    with pytest.raises(DatasetError, match="msmt17: no query has a gallery image of its id from another camera"):
+        parse_msmt17(write_msmt(tmp_path / "b" / "MSMT17_V1", "MSMT17_V1", lists))
 
 
 # Factory -----------------------------------------------------------------------------------------

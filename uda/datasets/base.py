@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uda.errors import DatasetError
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -77,6 +79,33 @@ def subset_identities(dataset: ReIDDataset, num_ids: int) -> ReIDDataset:
         [r for r in dataset.query if r.pid in test_ids], [r for r in dataset.gallery if r.pid in test_ids],
         {**dataset.dropped, "subset_ids": num_ids},
     )
+
+
+NO_SHARED_ID = "no query id appears in the gallery, so no query can be scored"
+NO_CROSS_CAMERA_MATCH = ("no query has a gallery image of its id from another camera, and the Market-1501 protocol "
+                         "scores only those")
+
+
+def unscorable_queries(query: list[ImageRecord], gallery: list[ImageRecord], cameras: bool) -> str | None:
+    """Why no query could be scored, or None. Evaluation scores a query only against its id in the
+    gallery (seen from another camera, under the Market-1501 protocol): a dataset where no query has one
+    would fail at its first evaluation, after training, so parsers refuse it when it is loaded."""
+    cameras_of: dict[int, set[int]] = {}
+    for r in gallery:
+        cameras_of.setdefault(r.pid, set()).add(r.camid)
+    if not any(q.pid in cameras_of for q in query):  # first: with or without cameras, nothing to score
+        return NO_SHARED_ID
+    if cameras and not any(cameras_of.get(q.pid, set()) - {q.camid} for q in query):
+        return NO_CROSS_CAMERA_MATCH
+    return None
+
+
+def check_test_splits(name: str, root: Path, query: list[ImageRecord], gallery: list[ImageRecord]) -> None:
+    """A built-in dataset (cameras always known) whose query and gallery cannot be scored together is
+    incomplete or mixed with another dataset's files."""
+    problem = unscorable_queries(query, gallery, cameras=True)
+    if problem:
+        raise DatasetError(f"{name}: {problem}; the query and gallery at {root} do not belong together: re-extract {name}")
 
 
 def relabel_train(records: list[ImageRecord]) -> list[ImageRecord]:

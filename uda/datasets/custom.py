@@ -25,7 +25,7 @@ import os
 import re
 from pathlib import Path
 
-from uda.datasets.base import ImageRecord, ReIDDataset, relabel_train
+from uda.datasets.base import NO_CROSS_CAMERA_MATCH, ImageRecord, ReIDDataset, relabel_train, unscorable_queries
 from uda.errors import DatasetError
 
 SPLITS = ("train", "query", "gallery")
@@ -169,20 +169,14 @@ def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
 
 
 def _check_query_matches(name: str, query: list[ImageRecord], gallery: list[ImageRecord], cameras: bool) -> None:
-    """Evaluation scores a query only against its id in the gallery (seen from another camera, under the
-    Market-1501 protocol): data where no query has one would fail at its first evaluation, after training."""
-    cameras_of: dict[int, set[int]] = {}
-    for r in gallery:
-        cameras_of.setdefault(r.pid, set()).add(r.camid)
-    if not any(q.pid in cameras_of for q in query):  # first: with or without cameras, nothing to score
-        raise DatasetError(f"{name}: no query id appears in the gallery, so no query can be scored; query/<id>/ and "
-                           f"gallery/<id>/ must share ids")
-    if cameras and not any(cameras_of.get(q.pid, set()) - {q.camid} for q in query):
+    problem = unscorable_queries(query, gallery, cameras)
+    if problem == NO_CROSS_CAMERA_MATCH:
         raise DatasetError(
-            f"{name}: no query has a gallery image of its id from another camera (one camera?), and the Market-1501 "
-            f"protocol scores only those; drop the camera ids (no c<N>_ name prefix, no camid column) to evaluate "
-            f"with the no-camera protocol, which keeps same-camera matches"
+            f"{name}: {problem} (one camera?); drop the camera ids (no c<N>_ name prefix, no camid column) to "
+            f"evaluate with the no-camera protocol, which keeps same-camera matches"
         )
+    if problem:
+        raise DatasetError(f"{name}: {problem}; query/<id>/ and gallery/<id>/ must share ids")
 
 
 def _natural(name: str) -> tuple:

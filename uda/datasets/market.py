@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from uda.datasets.base import ImageRecord, ReIDDataset, relabel_train
+from uda.datasets.base import ImageRecord, ReIDDataset, check_test_splits, relabel_train
 from uda.errors import DatasetError
 
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -78,6 +78,7 @@ def parse_bounding_box_layout(
         )
         if num_junk:
             dropped[f"{split}_junk"] = num_junk
+    check_test_splits(name, root, splits["query"], splits["gallery"])
     train = relabel_train(splits["train"])
     return ReIDDataset(name, root, train, splits["query"], splits["gallery"], dropped)
 

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from uda.datasets.base import ImageRecord, ReIDDataset, relabel_train
+from uda.datasets.base import ImageRecord, ReIDDataset, check_test_splits, relabel_train
 from uda.errors import DatasetError
 
 # Image folders (train, test) of each release; V2 blurs faces, the lists are the same.
@@ -96,4 +96,5 @@ def parse_msmt17(root: str | Path, name: str = "msmt17", *, train_val: bool = Fa
         train += parse_list_file(root / "list_val.txt", train_folder, train_files, name)
     query = parse_list_file(root / "list_query.txt", test_folder, test_files, name)
     gallery = parse_list_file(root / "list_gallery.txt", test_folder, test_files, name)
+    check_test_splits(name, root, query, gallery)
     return ReIDDataset(name, root, relabel_train(train), query, gallery)
