@@ -20,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from uda.cli import output_folder, run_main  # noqa: E402
+from uda.cli import output_folder, positive_int, run_main  # noqa: E402
 from uda.grid import Run, run_stage  # noqa: E402
 from uda.report import collect  # noqa: E402
 from uda.runlog import FINAL_MODEL  # noqa: E402
@@ -40,8 +40,8 @@ def stage(script: str, argv: list[str], threads: int, folder: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--deterministic", action="store_true", help="deterministic=true in both stages")
     parser.add_argument("--runs-dir", type=output_folder, default=Path("runs/threads"))
     args = parser.parse_args(argv)

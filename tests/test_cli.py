@@ -1,11 +1,18 @@
 """uda.cli's argparse types: counts and output files are checked when the command line is read, before
 minutes of extraction whose result would then be lost."""
 import argparse
+import importlib.util
+from pathlib import Path
 
 import pytest
 
 from uda.cli import output_file, output_folder, positive_int
 from uda.grid import main as grid_main
+
+THREAD_SPREAD = Path(__file__).resolve().parents[1] / "scripts" / "thread_spread.py"
+spec = importlib.util.spec_from_file_location("thread_spread", THREAD_SPREAD)
+thread_spread = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(thread_spread)
 
 
 def parser():
@@ -46,3 +53,11 @@ def test_an_output_folder_may_be_new_or_a_folder_but_not_a_file(tmp_path, capsys
     with pytest.raises(SystemExit) as stop:
         grid_main(["no-such-grid.yaml", "--runs-dir", str(tmp_path / "notes.txt")])  # before reading the grid file
     assert stop.value.code == 2 and "notes.txt is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--threads", "1", "0"], ["--threads", "-2"]])
+def test_thread_spread_counts_are_refused_before_any_run(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        thread_spread.main([*argv, "--runs-dir", str(tmp_path / "runs")])
+    assert stop.value.code == 2 and "must be a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
