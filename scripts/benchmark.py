@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import torch  # noqa: E402
 from uda.cli import run_main  # noqa: E402
 from uda.distributed import DistInfo, pick_device  # noqa: E402
 from uda.errors import UdaError  # noqa: E402
+from uda.runlog import cpu_description  # noqa: E402
 
 # (backbone, height, width) of our configs: the recipe's ResNet-50, the CPU demo's, the ImageNet CPU one
 BACKBONES = [("resnet50", 256, 128), ("resnet18_w16", 128, 64), ("mobilenet_v2", 128, 64)]
@@ -327,26 +327,18 @@ def cell(result: dict | None, unit: str) -> str:
 
 
 def machine() -> dict:
-    flags = ""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1] for line in cpuinfo.splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags.split()]
     try:
         ram = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))) / 2**20
     except (OSError, StopIteration):
         ram = 0.0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "unknown"
-    return {"cpu": model, "flags": wanted, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "ram_gb": round(ram, 1),
+    return {"cpu": cpu_description(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "ram_gb": round(ram, 1),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "commit": commit}
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu']} ({', '.join(m['flags']) or 'no AVX-512/AMX'}), {m['cores']} cores, {m['threads']} threads, {m['ram_gb']} GB RAM, "
+    return (f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['ram_gb']} GB RAM, "
             f"GPU {m['gpu']}, torch {m['torch']}, {m['date']}, commit {m['commit']}")
 
 

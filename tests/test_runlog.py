@@ -1,11 +1,12 @@
 """uda.runlog: one run per folder, the last K checkpoints with a fallback, stale temporaries, file modes."""
 import os
+import platform
 import stat
 
 import torch
 
 from uda.config import load_config
-from uda.runlog import RunDir, atomic_write, read_metrics
+from uda.runlog import RunDir, atomic_write, cpu_description, read_metrics
 
 
 def config(keep=2):
@@ -86,6 +87,17 @@ def test_version_records_what_besides_the_config_decides_the_numbers(tmp_path):
     assert f"threads: {torch.get_num_threads()}\n" in version and f"torch: {torch.__version__}" in version
     for key in ("commit: ", "cpu: ", "gpu: ", "device: ", "deterministic: False"):
         assert key in version, key
+
+
+def test_cpu_description_tells_apart_machines_sharing_a_name(tmp_path):
+    """A virtual machine's CPU name alone ("AMD EPYC") covers generations of other speeds."""
+    entry = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n"
+             "cpu MHz\t\t: {mhz}\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16\n\n")
+    (tmp_path / "genoa").write_text(entry.format(n=0, model=17, mhz="2596.146") + entry.format(n=1, model=99, mhz="1.0"))
+    assert cpu_description(tmp_path / "genoa") == "AMD EPYC (family 25 model 17, 2596 MHz, avx2 avx512f avx512_bf16)"
+    (tmp_path / "old").write_text("model name\t: Intel(R) Xeon(R) CPU\ncpu family\t: 6\nmodel\t\t: 63\nflags\t\t: fpu sse2\n")
+    assert cpu_description(tmp_path / "old") == "Intel(R) Xeon(R) CPU (family 6 model 63, no AVX2)"
+    assert cpu_description(tmp_path / "missing") == (platform.processor() or platform.machine())
 
 
 def test_the_packages_messages_go_to_the_newest_runs_log(tmp_path):

@@ -48,17 +48,34 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: files written through a temporary get the mode a plain open() would give
 
 
+VECTOR_UNITS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones torch's CPU kernels pick between
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU as /proc/cpuinfo names it, plus what tells apart two machines a virtual machine gives one
+    name: family / model, clock and vector units (two 2-core "AMD EPYC" machines ran our adaptation steps
+    1.6x apart)."""
+    try:
+        fields: dict[str, str] = {}
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's entry
+        name = fields["model name"]
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+    units = [unit for unit in VECTOR_UNITS if unit in fields.get("flags", "").split()]
+    detail = [f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"]
+    if "cpu MHz" in fields:
+        detail.append(f"{float(fields['cpu MHz']):.0f} MHz")
+    detail.append(" ".join(units) or "no AVX2")
+    return f"{name} ({', '.join(detail)})"
+
+
 def machine_record(cfg: Config) -> str:
     """What besides the config decides a run's numbers: the same seed gives other results with another
     thread count (CPU reductions split differently), another GPU, or non-deterministic kernels."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"threads: {torch.get_num_threads()}\ncpu: {cpu}\ngpu: {gpu}\n"
+    return (f"threads: {torch.get_num_threads()}\ncpu: {cpu_description()}\ngpu: {gpu}\n"
             f"device: {cfg.get('device', 'auto')}\ndeterministic: {cfg.get('deterministic', False)}\n")
 
 
