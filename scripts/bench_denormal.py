@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from uda import checkpoint, stage  # noqa: E402
+from uda import build, checkpoint  # noqa: E402
 from uda.config import load_config  # noqa: E402
 
 
@@ -35,8 +35,8 @@ def time_steps(checkpoint_path: Path, batch: int, steps: int) -> None:
     torch.manual_seed(0)
     saved = checkpoint.read(checkpoint_path)
     cfg = load_config(saved[checkpoint.CONFIG])  # the run's own model and image size
-    model = stage.build_reid_model(cfg, pretrained="none")
-    stage.load_model_weights(model, saved, checkpoint_path)
+    model = build.build_reid_model(cfg, pretrained="none")
+    build.load_model_weights(model, saved, checkpoint_path)
     weights = [p.detach() for p in model.parameters()]
     total = sum(w.numel() for w in weights)
     subnormal = sum(subnormal_count(w) for w in weights)
@@ -76,7 +76,7 @@ def main() -> None:
             times[mode].append(float(out.split()[-1]))
     kept, flushed = statistics.median(times["kept"]), statistics.median(times["flushed"])
     print("| subnormals | ms per forward + backward (median) |\n|---|---|")
-    print(f"| kept (IEEE default) | {kept:.0f} |\n| flushed to zero (stage.set_backends) | {flushed:.0f} |")
+    print(f"| kept (IEEE default) | {kept:.0f} |\n| flushed to zero (build.set_backends) | {flushed:.0f} |")
     print(f"flushing is {kept / flushed:.1f}x faster")
 
 

@@ -156,7 +156,8 @@ def measure_rerank(variant: str, num_query: int, num_gallery: int, device: str) 
 
 
 def measure_pipeline(variant: str, num_ids: int, epochs: int, preset: str, device: str, real: bool, height: int, width: int) -> dict:
-    from uda import pretrain, stage
+    from uda import pretrain
+    from uda.data import splits
     from uda.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,11 +165,11 @@ def measure_pipeline(variant: str, num_ids: int, epochs: int, preset: str, devic
         cfg = load_config(pretrain.DEFAULTS, None, [
             f"data.pipeline={'loader' if variant == 'usual' else 'device'}", f"data.height={height}", f"data.width={width}", f"data.root={root}",
             f"data.num_workers={os.cpu_count()}", f"device={device}", f"data.synth_preset={preset}", f"data.subset_ids={num_ids}"])
-        dataset = stage.load_named_dataset(name, cfg, "source")
+        dataset = splits.load_named_dataset(name, cfg, "source")
         start = time.perf_counter()
-        records, images = stage.prepare_train_split(dataset.train, cfg, torch.device(device))
+        records, images = splits.prepare_train_split(dataset.train, cfg, torch.device(device))
         setup = time.perf_counter() - start
-        loader = stage.make_train_loader(records, cfg, images)
+        loader = splits.make_train_loader(records, cfg, images)
         count, start = 0, time.perf_counter()
         for epoch in range(epochs):
             loader.sampler.set_epoch(epoch)

@@ -7,68 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from uda import adapt, stage
+from uda import adapt, settings
 from uda.config import load_config
 from uda.errors import ConfigError, UdaError
 from uda.models import build_model
 from uda.report import collect
 from uda.runlog import read_metrics
-
-
-def two_head_net():
-    torch.manual_seed(0)
-    cfg = load_config(adapt.DEFAULTS, opts=["model.backbone=resnet18_w16"])
-    model = build_model("resnet18_w16", "none")
-    heads = {"source": stage.build_classifier(cfg, 128, 5), "target": stage.build_classifier(cfg, 128, 3)}
-    return stage.TrainNet(model, heads), cfg
-
-
-def test_source_and_target_heads_are_separate_cosine_heads_with_temperature():
-    net, cfg = two_head_net()
-    images = torch.randn(8, 3, 64, 32)
-    branches = {"source": (slice(0, 4), torch.tensor([0, 1, 2, 3])), "target": (slice(4, None), torch.tensor([0, 1, 2, 0]))}
-    out, logits = net.train()(images, branches)
-    # temperature scaling by hand: logits = cos(f, w) / 0.1
-    cos = F.normalize(out["bn"][4:], dim=1) @ F.normalize(net.heads["target"].weight, dim=1).T
-    assert torch.allclose(logits["target"], cos / 0.1, atol=1e-5)
-    # the target loss reaches the backbone and the target rows, never the source rows (and vice versa)
-    F.cross_entropy(logits["target"], branches["target"][1]).backward(retain_graph=True)
-    assert net.heads["source"].weight.grad is None or not net.heads["source"].weight.grad.any()
-    assert net.heads["target"].weight.grad.abs().sum() > 0
-    assert net.model.backbone.conv1.weight.grad.abs().sum() > 0
-    net.zero_grad(set_to_none=True)
-    F.cross_entropy(logits["source"], branches["source"][1]).backward()
-    assert net.heads["target"].weight.grad is None or not net.heads["target"].weight.grad.any()
-    assert net.heads["source"].weight.grad.abs().sum() > 0
-
-
-def test_replace_head_sets_normalised_centres_and_moves_the_optimizer_to_the_new_rows():
-    net, cfg = two_head_net()
-    optimizer = adapt.build_optimizer(net, cfg)
-    optimizer.load_state_dict(optimizer.state_dict())  # as on resume: the group dicts are replaced
-    [target_group] = [g for g in optimizer.param_groups if g["name"] == adapt.TARGET_GROUP]
-    assert target_group["params"] == [net.heads["target"].weight]
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
-    old = net.heads["target"].weight
-    old.grad = torch.ones_like(old)
-    optimizer.step()
-    assert old in optimizer.state
-    features = F.normalize(torch.randn(10, 128), dim=1)
-    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, -1])
-    from uda.cluster import cluster_centers
-
-    centers = cluster_centers(features, labels)
-    adapt.replace_head(net.heads["target"], optimizer, centers)
-    new = net.heads["target"].weight
-    expected = torch.stack([F.normalize(features[labels == c].mean(0), dim=0) for c in range(4)])
-    assert new.shape == (4, 128) and torch.allclose(new.data, expected, atol=1e-6)
-    assert target_group["params"] == [new] and optimizer.param_groups[1] is target_group and old not in optimizer.state
-    before = new.detach().clone()
-    new.grad = torch.ones_like(new)
-    optimizer.step()
-    assert not torch.equal(new.data, before)  # the optimizer trains the new rows
 
 
 def test_missing_source_model_says_which_command_makes_it(synth_root, tmp_path, monkeypatch):
@@ -169,8 +114,8 @@ def test_adaptation_raises_target_map_over_direct_transfer(synth_root, source_mo
     ("cluster.knn_backend=faiss", "needs faiss"),
 ])
 def test_adapt_settings_that_would_do_nothing_or_fail_late_are_refused_first(opt, message, monkeypatch, tmp_path):
-    real_find_spec = adapt.importlib.util.find_spec
-    monkeypatch.setattr(adapt.importlib.util, "find_spec", lambda name: None if name == "faiss" else real_find_spec(name))
+    real_find_spec = settings.importlib.util.find_spec
+    monkeypatch.setattr(settings.importlib.util, "find_spec", lambda name: None if name == "faiss" else real_find_spec(name))
     with pytest.raises(ConfigError, match=message):  # before the data root (which does not exist) is even read
         adapt.main(["--source", "market", "--target", "duke", "--data-root", str(tmp_path / "nowhere"), "--opts", opt])
 

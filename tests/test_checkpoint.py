@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from uda import checkpoint, stage
+from uda import build, checkpoint
 from uda.errors import UdaError
+from uda.head_policies import TrainNet
 from uda.models import build_model
 
 
@@ -15,8 +16,8 @@ def small_model(seed):
 def test_final_model_run_checkpoint_and_bare_state_give_the_same_model_state(tmp_path):
     model = small_model(0)
     state = model.state_dict()
-    heads = {"source": stage.build_classifier(_cfg(), 128, 3)}
-    net = stage.TrainNet(model, heads)
+    heads = {"source": build.build_classifier(_cfg(), 128, 3)}
+    net = TrainNet(model, heads)
     files = {
         "final": {checkpoint.MODEL: state, checkpoint.CONFIG: {"seed": 0}},
         "last": {checkpoint.EPOCH: 3, checkpoint.NET: net.state_dict(), checkpoint.OPTIMIZER: {}, checkpoint.CONFIG: {}},
@@ -30,7 +31,7 @@ def test_final_model_run_checkpoint_and_bare_state_give_the_same_model_state(tmp
         assert got.keys() == state.keys(), name
         assert all(torch.equal(got[k], state[k]) for k in state), name
     loaded = small_model(1)
-    stage.load_model_weights(loaded, checkpoint.read(tmp_path / "last.pth"), tmp_path / "last.pth")
+    build.load_model_weights(loaded, checkpoint.read(tmp_path / "last.pth"), tmp_path / "last.pth")
     assert torch.equal(loaded.backbone.conv1.weight, model.backbone.conv1.weight)
 
 

@@ -6,7 +6,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from tests.test_data import noise, write_image
-from uda import stage
+from uda import settings
+from uda.data import splits
 from uda.config import load_config
 from uda.data import PKSampler, read_image, test_transform
 from uda.data.device_batches import BatchAugment, DeviceImages, DevicePlainLoader, DeviceTrainLoader
@@ -127,29 +128,29 @@ def test_train_loader_follows_the_pk_sampler_and_is_a_function_of_seed_and_epoch
 
 
 def test_stage_builds_device_or_loader_pipeline_from_the_config(records):
-    defaults = stage.defaults()
+    defaults = settings.defaults()
     cfg = load_config(defaults, None, ["data.height=32", "data.width=16", "data.num_pids=3", "data.num_workers=0"])
-    kept, images = stage.prepare_split(records, cfg, CPU)
-    assert isinstance(images, DeviceImages) and isinstance(stage.make_train_loader(kept, cfg, images), DeviceTrainLoader)
+    kept, images = splits.prepare_split(records, cfg, CPU)
+    assert isinstance(images, DeviceImages) and isinstance(splits.make_train_loader(kept, cfg, images), DeviceTrainLoader)
     loader_cfg = load_config(defaults, None, ["data.pipeline=loader", "data.height=32", "data.width=16", "data.num_pids=3", "data.num_workers=0"])
-    kept, cache = stage.prepare_split(records, loader_cfg, CPU)
-    assert isinstance(stage.make_train_loader(kept, loader_cfg, cache, num_iterations=1), torch.utils.data.DataLoader)
-    device_features = torch.cat([b[0] for b in stage.make_plain_loader(kept, cfg, images)])
-    loader_features = torch.cat([b[0] for b in stage.make_plain_loader(kept, loader_cfg, cache)])
+    kept, cache = splits.prepare_split(records, loader_cfg, CPU)
+    assert isinstance(splits.make_train_loader(kept, loader_cfg, cache, num_iterations=1), torch.utils.data.DataLoader)
+    device_features = torch.cat([b[0] for b in splits.make_plain_loader(kept, cfg, images)])
+    loader_features = torch.cat([b[0] for b in splits.make_plain_loader(kept, loader_cfg, cache)])
     assert torch.equal(device_features, loader_features)
     with pytest.raises(ConfigError, match="data.pipeline"):
-        stage.prepare_split(records, load_config(defaults, None, ["data.pipeline=gpu"]), CPU)
+        splits.prepare_split(records, load_config(defaults, None, ["data.pipeline=gpu"]), CPU)
 
 
 @pytest.mark.parametrize("pipeline", ["device", "loader"])
 def test_side_by_side_streams_draw_independently(records, pipeline):
     # adapt.py trains on a source and a target loader at once: built from one seed they would draw the
     # same P x K positions and the same flips, crops and erasing boxes for both, step after step.
-    cfg = load_config(stage.defaults(), None, [f"data.pipeline={pipeline}", "data.height=32", "data.width=16", "data.num_pids=3", "data.num_workers=0"])
-    kept, images = stage.prepare_split(records, cfg, CPU)
+    cfg = load_config(settings.defaults(), None, [f"data.pipeline={pipeline}", "data.height=32", "data.width=16", "data.num_pids=3", "data.num_workers=0"])
+    kept, images = splits.prepare_split(records, cfg, CPU)
 
     def first_batch(stream: int):
-        loader = stage.make_train_loader(kept, cfg, images, num_iterations=1, stream=stream)
+        loader = splits.make_train_loader(kept, cfg, images, num_iterations=1, stream=stream)
         loader.sampler.set_epoch(2)
         return next(iter(loader))
 
@@ -157,8 +158,8 @@ def test_side_by_side_streams_draw_independently(records, pipeline):
     assert torch.equal(target[0], target_again[0]) and torch.equal(target[3], target_again[3])
     assert not torch.equal(source[3], target[3])  # which images
     assert not torch.equal(source[0], target[0])
-    assert stage.stream_seed(cfg.seed, 0) == cfg.seed  # the source stream is pretraining's
-    seeds = {stage.stream_seed(seed, stream) for seed in range(4) for stream in range(3)}
+    assert splits.stream_seed(cfg.seed, 0) == cfg.seed  # the source stream is pretraining's
+    seeds = {splits.stream_seed(seed, stream) for seed in range(4) for stream in range(3)}
     assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
 
 
@@ -184,10 +185,10 @@ def test_a_split_too_large_for_the_gpu_says_how_to_go_on(records, monkeypatch):
 
 
 def test_test_sets_stay_in_host_memory(records):
-    cfg = load_config(stage.defaults(), None, ["data.height=32", "data.width=16"])
-    kept, images = stage.prepare_split(records, cfg, CPU, on_host=True)
+    cfg = load_config(settings.defaults(), None, ["data.height=32", "data.width=16"])
+    kept, images = splits.prepare_split(records, cfg, CPU, on_host=True)
     assert images.device.type == "cpu"
-    loader = stage.make_plain_loader(kept, cfg, images, CPU)
+    loader = splits.make_plain_loader(kept, cfg, images, CPU)
     assert loader.device == CPU and len(list(loader)) == 1
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from uda.engine import Schedule, seed_everything, set_lr, train_steps
+from uda.engine import seed_everything, train_steps
+from uda.schedule import Schedule, set_lr
 from uda.errors import UdaError
 from uda.runlog import RunDir, atomic_save, read_metrics
 from uda.config import load_config

@@ -44,13 +44,13 @@ def test_bad_model_files_fail_in_one_line(source_model, synth_root, tmp_path):
 
 
 def test_amp_means_bf16_and_warns_on_the_cpu():
-    from uda import stage
+    from uda import build, settings
     from uda.config import load_config
 
-    on = load_config(stage.defaults(), opts=["train.amp=true"])
-    assert stage.amp_dtype(load_config(stage.defaults()), torch.device("cpu")) is None
+    on = load_config(settings.defaults(), opts=["train.amp=true"])
+    assert build.amp_dtype(load_config(settings.defaults()), torch.device("cpu")) is None
     with pytest.warns(RuntimeWarning, match="train.amp=false"):
-        assert stage.amp_dtype(on, torch.device("cpu")) is torch.bfloat16
+        assert build.amp_dtype(on, torch.device("cpu")) is torch.bfloat16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert stage.amp_dtype(on, torch.device("cuda")) is torch.bfloat16  # no CUDA needed: only the type is read
+        assert build.amp_dtype(on, torch.device("cuda")) is torch.bfloat16  # no CUDA needed: only the type is read

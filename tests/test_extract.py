@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import uda
-from uda import extract, stage
+from uda import build, extract
+from uda.data import splits
 from uda.datasets import load_dataset
 from uda.errors import UdaError
 from uda.evaluation.features import extract_features
@@ -20,10 +21,10 @@ def query_paths(synth_root):
 
 @pytest.mark.parametrize("pipeline", ["loader", "device"])
 def test_extraction_equals_the_stages_features_of_the_same_images(source_model, synth_root, query_paths, pipeline):
-    model, cfg = stage.load_trained_model(source_model, ["device=cpu", f"data.pipeline={pipeline}", "eval.batch_size=4"])
+    model, cfg = build.load_trained_model(source_model, ["device=cpu", f"data.pipeline={pipeline}", "eval.batch_size=4"])
     records = load_dataset("synth_duke", synth_root, synth_preset="tiny").query[:10]
-    kept, images = stage.prepare_split(records, cfg, torch.device("cpu"))
-    expected = extract_features(model, stage.make_plain_loader(kept, cfg, images), flip=cfg.eval.flip, normalize=True)
+    kept, images = splits.prepare_split(records, cfg, torch.device("cpu"))
+    expected = extract_features(model, splits.make_plain_loader(kept, cfg, images), flip=cfg.eval.flip, normalize=True)
     extractor = uda.load_model(source_model, device="cpu", batch_size=3)
     got = extractor(query_paths)
     assert got.shape == (10, 128) and torch.allclose(got.norm(dim=1), torch.ones(10), atol=1e-5)

@@ -237,18 +237,17 @@ def test_a_given_source_model_is_adapted_from_by_every_seed_without_pretraining(
 @pytest.mark.parametrize("path", sorted((gridlib.REPO / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_grid_variant_passes_both_stages_config_checks(path):
     """A typo in a grid file's opts would otherwise surface hours into the grid."""
-    from uda import adapt, pretrain, stage
+    from uda import adapt, build, pretrain, settings
     from uda.config import load_config
 
     grid = gridlib.load_grid(path)
     for variant in grid.variants:
         source_cfg = load_config(pretrain.DEFAULTS, gridlib.REPO / grid.pretrain_config, grid.opts + grid.pretrain_opts + variant.pretrain_opts)
-        stage.check_settings(source_cfg)
+        settings.check(source_cfg)
         cfg = load_config(adapt.DEFAULTS, gridlib.REPO / grid.adapt_config, grid.opts + grid.adapt_opts + variant.opts)
-        stage.check_settings(cfg)
-        adapt.check_adapt_settings(cfg)
+        settings.check(cfg)
         if not grid.source_model:  # the source model each variant's adaptation will load must fit it
-            stage.check_model_settings(cfg, {"config": source_cfg.to_dict()}, f"{variant.name}'s source model")
+            build.check_model_settings(cfg, {"config": source_cfg.to_dict()}, f"{variant.name}'s source model")
 
 
 def test_a_tiny_grid_runs_end_to_end_then_skips_everything(synth_root, tmp_path, capsys):

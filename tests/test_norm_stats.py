@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from uda import adapt, pretrain, stage
+from uda import adapt, build, pretrain, settings
+from uda.data import splits
 from uda.config import load_config
 from uda.data.stats import channel_stats
 from uda.datasets.base import ImageRecord
@@ -29,8 +30,8 @@ def test_every_loader_normalises_with_the_configs_statistics(tmp_path, pipeline)
     records = [ImageRecord(solid(tmp_path, f"{i}.png", (102, 153, 204)), 0, 0, 0) for i in range(2)]
     cfg = load_config(pretrain.DEFAULTS, None, [f"data.pipeline={pipeline}", "data.height=8", "data.width=4", "data.num_workers=0",
                                                 "data.mean=[0.2,0.4,0.6]", "data.std=[0.5,0.25,0.125]"])
-    kept, images = stage.prepare_split(records, cfg, torch.device("cpu"))
-    batch = next(iter(stage.make_plain_loader(kept, cfg, images)))[0]
+    kept, images = splits.prepare_split(records, cfg, torch.device("cpu"))
+    batch = next(iter(splits.make_plain_loader(kept, cfg, images)))[0]
     expected = torch.tensor([(0.4 - 0.2) / 0.5, (0.6 - 0.4) / 0.25, (0.8 - 0.6) / 0.125])  # 102/255 = 0.4 ...
     assert torch.allclose(batch.mean(dim=(0, 2, 3)), expected, atol=1e-3)
 
@@ -38,22 +39,22 @@ def test_every_loader_normalises_with_the_configs_statistics(tmp_path, pipeline)
 def test_models_saved_before_a_setting_existed_load_with_its_default(tmp_path):
     cfg = load_config(pretrain.DEFAULTS, None, ["model.backbone=resnet18_w16", "model.pretrained=none"]).to_dict()
     del cfg["data"]["mean"], cfg["data"]["std"], cfg["model"]["embedding_dim"]
-    model = stage.build_reid_model(load_config(pretrain.DEFAULTS, None, ["model.backbone=resnet18_w16", "model.pretrained=none"]))
+    model = build.build_reid_model(load_config(pretrain.DEFAULTS, None, ["model.backbone=resnet18_w16", "model.pretrained=none"]))
     torch.save({"model": model.state_dict(), "config": cfg}, tmp_path / "old.pth")
-    _, loaded = stage.load_trained_model(tmp_path / "old.pth")
+    _, loaded = build.load_trained_model(tmp_path / "old.pth")
     assert loaded.data.mean == [0.485, 0.456, 0.406] and loaded.model.embedding_dim == 0
 
 
 def test_a_source_model_trained_with_other_statistics_is_refused():
     saved = {"config": load_config(pretrain.DEFAULTS, None, ["data.mean=[0.5,0.5,0.5]"]).to_dict()}
     with pytest.raises(Exception, match=r"data.mean=\[0.5, 0.5, 0.5\] \(here \[0.485, 0.456, 0.406\]\)"):
-        stage.check_model_settings(load_config(adapt.DEFAULTS), saved, "m.pth")
+        build.check_model_settings(load_config(adapt.DEFAULTS), saved, "m.pth")
 
 
 @pytest.mark.parametrize("opt, message", [("data.std=[0,1,1]", "data.std must be 3 numbers > 0"), ("data.mean=[0.5]", "data.mean must be 3 numbers")])
 def test_statistics_are_range_checked(opt, message):
     with pytest.raises(ConfigError, match=message):
-        stage.check_settings(load_config(pretrain.DEFAULTS, None, [opt]))
+        settings.check(load_config(pretrain.DEFAULTS, None, [opt]))
 
 
 def test_a_model_saved_before_the_statistics_existed_was_trained_with_imagenets():
@@ -61,4 +62,4 @@ def test_a_model_saved_before_the_statistics_existed_was_trained_with_imagenets(
     del old["data"]["mean"], old["data"]["std"]
     cfg = load_config(adapt.DEFAULTS, None, ["data.mean=[0.5,0.5,0.5]"])
     with pytest.raises(Exception, match=r"--opts data.mean=\[0.485,0.456,0.406\]"):  # pasteable: no spaces in the list
-        stage.check_model_settings(cfg, {"config": old}, "m.pth")
+        build.check_model_settings(cfg, {"config": old}, "m.pth")

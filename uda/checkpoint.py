@@ -19,7 +19,7 @@ import torch
 from uda.errors import UdaError
 
 MODEL = "model"  # model_final.pth: the ReIDModel's state dict
-NET = "net"  # last.pth: the ReIDModel and its classifier heads (stage.TrainNet)
+NET = "net"  # last.pth: the ReIDModel and its classifier heads (uda.head_policies.TrainNet)
 CONFIG = "config"  # the resolved config of the run that wrote the file
 EPOCH = "epoch"  # last.pth: epochs finished
 OPTIMIZER = "optimizer"

@@ -26,6 +26,16 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+FLAG_KEYS = {"pretrained": "model.pretrained", "init": "adapt.init", "source": "data.source", "target": "data.target",
+             "data_root": "data.root"}  # a stage's flags -> the settings they set
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """A stage's flags as config overrides, applied before --opts (so --opts wins)."""
+    flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag, None) is not None]
+    return flags + list(args.opts)
+
+
 def positive_int(text: str) -> int:
     """argparse type: a count of at least 1 (0 or less would fail only after minutes of extraction)."""
     value = int(text)  # a ValueError is argparse's own "invalid positive_int value" line

@@ -24,7 +24,8 @@ if __package__ in (None, ""):  # run as `python uda/cluster_sweep.py`: import th
 import numpy as np
 import torch
 
-from uda import stage
+from uda import build, settings
+from uda.data import splits
 from uda.adapt import memory_features
 from uda.cli import output_file, run_main
 from uda.cluster import cluster_stats, jaccard_distance, pseudo_labels, remove_camera_means
@@ -57,7 +58,7 @@ def check_sweep(eps: list[float], min_samples: list[int], k1: int, k2: int) -> N
     caught ClusteringError in the sweep means "no cluster", not a bad setting)."""
     if not eps or not min_samples:
         raise UdaError("the sweep needs at least one eps and one min_samples")
-    eps_ok, min_samples_ok = stage.RANGES["cluster.eps"][0], stage.RANGES["cluster.min_samples"][0]
+    eps_ok, min_samples_ok = settings.BY_KEY["cluster.eps"].check.test, settings.BY_KEY["cluster.min_samples"].check.test
     if not all(map(eps_ok, eps)) or not all(map(min_samples_ok, min_samples)):
         raise UdaError(f"--eps values must lie in (0, 1) (Jaccard distances) and --min-samples be >= 1, got eps {eps}, min_samples {min_samples}")
     if k1 < 1 or k2 < 1:
@@ -93,12 +94,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     check_sweep(args.eps, args.min_samples, args.k1, args.k2)
 
-    model, cfg, device = stage.inference_model(args.model, args.opts, args.data_root)
-    dataset = stage.load_named_dataset(args.dataset, cfg, "target")
+    model, cfg, device = build.inference_model(args.model, args.opts, args.data_root)
+    dataset = splits.load_named_dataset(args.dataset, cfg, "target")
     if args.camera_normalize and not dataset.has_cameras:
         raise UdaError(f"--camera-normalize needs camera ids, and {dataset.name} has none")
-    records, images = stage.prepare_train_split(dataset.train, cfg, device)
-    features = memory_features(model, stage.make_plain_loader(records, cfg, images), cfg, device, f"{dataset.name} train")
+    records, images = splits.prepare_train_split(dataset.train, cfg, device)
+    features = memory_features(model, splits.make_plain_loader(records, cfg, images), cfg, device, f"{dataset.name} train")
     camids = torch.tensor([r.camid for r in records]) if args.camera_normalize else None
     true_ids = np.array([r.orig_pid for r in records]) if dataset.train_labelled else None
     rows = sweep(features, camids, true_ids, eps=args.eps, min_samples=args.min_samples, k1=args.k1, k2=args.k2, device=device)

@@ -2,54 +2,21 @@
 evaluation, atomic checkpoints and resume.
 
 pretrain.py and adapt.py differ only in what one epoch does (adapt.py clusters first) and in the
-losses of one step; both hand those to `fit` as plain functions.
+losses of one step: each is a stage object that `fit` runs.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from uda import checkpoint
 from uda.errors import UdaError
 from uda.runlog import RunDir
-
-
-SCHEDULES = ("step", "cosine")
-
-
-@dataclass
-class Schedule:
-    """Per-epoch learning rate: linear warmup, then step decay (x gamma at each milestone) or cosine."""
-
-    base_lr: float = 3.5e-4
-    warmup_epochs: int = 10
-    warmup_from: float = 3.5e-5
-    milestones: tuple[int, ...] = (40, 70)
-    gamma: float = 0.1
-    kind: str = "step"  # "step" | "cosine"
-    epochs: int = 120
-
-    def lr(self, epoch: int) -> float:
-        if epoch < self.warmup_epochs:
-            return self.warmup_from + (self.base_lr - self.warmup_from) * epoch / self.warmup_epochs
-        if self.kind == "step":
-            return self.base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
-        if self.kind == "cosine":
-            span = max(1, self.epochs - self.warmup_epochs)
-            return 0.5 * self.base_lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
-        raise UdaError(f"unknown lr schedule '{self.kind}'; use one of {', '.join(SCHEDULES)}")
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The lr is a pure function of the epoch, so resuming needs no scheduler state beyond the epoch."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def seed_everything(seed: int, epoch: int = 0) -> None:
@@ -137,42 +104,71 @@ def _divergence_advice(optimizers: Sequence[Steps]) -> str:
             "the last checkpoint is intact, but --resume continues a run only with the settings it started with")
 
 
-def fit(
-    run: RunDir,
-    *,
-    start_epoch: int,
-    epochs: int,
-    train_epoch: Callable[[int], dict[str, dict[str, float]]],
-    evaluate: Callable[[int], dict[str, dict[str, float]]],
-    eval_every: int,
-    checkpoint_state: Callable[[int], dict],
-    seed: int,
-) -> dict[str, dict[str, float]]:
-    """The epoch loop. Each epoch: reseed, train, evaluate every `eval_every` epochs and at the last,
-    then checkpoint atomically. Returns the last evaluation's record (never a best-epoch pick).
+class Stage(Protocol):
+    """What `fit` runs: a stage object that built everything it trains with (uda.pretrain.SourceTraining,
+    uda.adapt.Adaptation)."""
 
-    `train_epoch(epoch)` returns {"train": {loss name: mean, ...}, <section>: {...}, ...}: the "train"
-    losses go to TensorBoard and the log; any other section (adapt's "clusters") is recorded in
+    epochs: int
+    eval_every: int
+    seed: int
+
+    def start(self) -> None: ...  # a fresh run's work before epoch 1 (adaptation: the direct transfer)
+
+    def train_epoch(self, epoch: int) -> dict[str, dict[str, float]]: ...
+
+    def evaluate(self, epoch: int) -> dict[str, dict[str, float]]: ...
+
+    def state_dict(self, epoch: int) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def final_model(self) -> dict: ...
+
+
+def fit(run: RunDir, stage: Stage) -> dict[str, dict[str, float]]:
+    """A stage's whole run: restore its last checkpoint (or start it fresh), then each epoch reseed,
+    train, evaluate every `eval_every` epochs and at the last, checkpoint atomically; then save the
+    final model and close the run. Returns the last evaluation's record (never a best-epoch pick).
+
+    `stage.train_epoch(epoch)` returns {"train": {loss name: mean, ...}, <section>: {...}, ...}: the
+    "train" losses go to TensorBoard and the log; any other section (adapt's "clusters") is recorded in
     metrics.jsonl every epoch, beside that epoch's test metrics when it evaluates."""
+    start_epoch = restore(run, stage)
     last_metrics: dict[str, dict[str, float]] = {}
-    for epoch in range(start_epoch, epochs):
-        seed_everything(seed, epoch)
+    for epoch in range(start_epoch, stage.epochs):
+        seed_everything(stage.seed, epoch)
         start = time.perf_counter()
-        record = train_epoch(epoch)
+        record = stage.train_epoch(epoch)
         losses = record.pop("train")
         seconds = time.perf_counter() - start
         run.scalars({**losses, "epoch_seconds": seconds}, epoch + 1, prefix="train/")
-        run.log(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" ({seconds:.1f} s)")
-        if evaluates(epoch, eval_every, epochs):
+        run.log(f"epoch {epoch + 1}/{stage.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items()) + f" ({seconds:.1f} s)")
+        if evaluates(epoch, stage.eval_every, stage.epochs):
             start = time.perf_counter()
-            record = {**evaluate(epoch), **record}
+            record = {**stage.evaluate(epoch), **record}
             last_metrics = record
             log_evaluation(run, epoch + 1, record)
             run.log(f"evaluation took {time.perf_counter() - start:.1f} s")
         elif record:
             run.log_metrics(epoch + 1, record)
-        run.save_checkpoint(checkpoint_state(epoch + 1))
+        run.save_checkpoint(stage.state_dict(epoch + 1))
+    run.save_final_model(stage.final_model())
+    run.close()
     return last_metrics
+
+
+def restore(run: RunDir, stage: Stage) -> int:
+    """The epoch to go on from: a resumed run's checkpoint loaded into the stage (the records written
+    after it forgotten), or 0 after the stage's fresh start."""
+    state = run.load_checkpoint() if run.resuming else None
+    if state is None:
+        stage.start()
+        return 0
+    stage.load_state_dict(state)
+    epoch = state[checkpoint.EPOCH]
+    run.log(f"resumed at epoch {epoch}")
+    run.drop_metrics_after(epoch)
+    return epoch
 
 
 def evaluates(epoch: int, eval_every: int, epochs: int) -> bool:

@@ -16,7 +16,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python uda/evaluate.py`: import the package, not uda/ itself
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from uda import stage
+from uda import build
+from uda.evaluation import protocol
+from uda.data import splits
 from uda.cli import output_file, run_main
 from uda.report import publish
 
@@ -30,11 +32,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.rerank=true")
     args = parser.parse_args(argv)
 
-    model, cfg, device = stage.inference_model(args.model, args.opts, args.data_root)  # a bare state dict: the default model unless --opts say otherwise
-    stage.set_backends(cfg)
-    datasets = [stage.load_named_dataset(name, cfg, "test") for name in args.dataset]  # parsing only: a wrong path fails at once
-    test_sets = [stage.make_test_set(dataset, cfg, device) for dataset in datasets]
-    results = stage.evaluate_test_sets(model, test_sets, cfg, device)
+    model, cfg, device = build.inference_model(args.model, args.opts, args.data_root)  # a bare state dict: the default model unless --opts say otherwise
+    build.set_backends(cfg)
+    datasets = [splits.load_named_dataset(name, cfg, "test") for name in args.dataset]  # parsing only: a wrong path fails at once
+    test_sets = [protocol.make_test_set(dataset, cfg, device) for dataset in datasets]
+    results = protocol.evaluate_test_sets(model, test_sets, cfg, device)
     publish(results, f"{args.model} (test)", args.json)
     return results
 

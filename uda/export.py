@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uda import stage
+from uda import build
 from uda.cli import output_file, run_main
 from uda.errors import UdaError
 
@@ -46,7 +46,7 @@ class InferenceFeatures(nn.Module):
 
 def export_onnx(path: str | Path, out: str | Path, opset: int = 18) -> dict:
     """Write `out` (.onnx) and `out`.json from a saved model; returns the JSON record."""
-    model, cfg = stage.load_trained_model(path, ["device=cpu"])
+    model, cfg = build.load_trained_model(path, ["device=cpu"])
     net = InferenceFeatures(model, cfg.eval.flip).eval()
     example = torch.zeros(2, 3, cfg.data.height, cfg.data.width)
     out = Path(out)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uda import stage
+from uda import build
 from uda.cli import output_file, positive_int, run_main
 from uda.config import Config
 from uda.data import test_transform
@@ -76,13 +76,13 @@ class FeatureExtractor:
         if len(images) == 0:
             raise UdaError("no images to extract features from")
         return extract_features(self.folded, self._batches(images), flip=self.cfg.eval.flip, normalize=True,
-                                amp_dtype=stage.amp_dtype(self.cfg, self.device), desc="features", fold_bn=False)
+                                amp_dtype=build.amp_dtype(self.cfg, self.device), desc="features", fold_bn=False)
 
 
 def load_model(path: str | Path, device: str = "auto", batch_size: int | None = None,
                opts: Sequence[str] = ()) -> FeatureExtractor:
     """A model_final.pth (or a run's last.pth) as a FeatureExtractor, built under the config saved with it."""
-    model, cfg = stage.load_trained_model(path, [f"device={device}", *opts])
+    model, cfg = build.load_trained_model(path, [f"device={device}", *opts])
     return FeatureExtractor(model, cfg, pick_device(DistInfo(), cfg.device), batch_size)
 
 

@@ -47,7 +47,8 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from uda.cli import output_folder, positive_int
+from uda import settings
+from uda.cli import config_overrides, output_folder, positive_int, stage_parser
 from uda.errors import ConfigError, UdaError
 from uda.report import collect, evaluation
 from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, check_resumable, read_metrics
@@ -214,18 +215,10 @@ def plan(grid: Grid, seeds: list[int], runs_dir: Path) -> list[Run]:
 
 def planned_config(run: Run):
     """The config the run's stage builds from its planned argv (what its config.yaml must say)."""
-    from uda import adapt, pretrain, stage
-    from uda.cli import stage_parser
-    from uda.config import load_config
-
-    module = adapt if run.stage == "adapt" else pretrain
     parser = stage_parser(run.stage)  # the stages' own flags, read as the stages read them
     parser.add_argument("--init")
     args = parser.parse_args(run.argv)
-    opts = ([f"adapt.init={args.init}"] if args.init else []) + stage.cli_overrides(args)
-    cfg = load_config(module.DEFAULTS, args.config, opts)
-    stage.check_settings(cfg)
-    return cfg
+    return settings.load(run.stage, args.config, config_overrides(args))
 
 
 def check_same_settings(run: Run) -> None:
@@ -233,7 +226,7 @@ def check_same_settings(run: Run) -> None:
     refused with the differences, not summarised from the old results."""
     try:
         changes = check_resumable(run.folder, planned_config(run))
-        trained = {key: change for key, change in changes.items() if key in ("optim.epochs", "train.eval_every", "eval.rerank")}
+        trained = {key: change for key, change in changes.items() if key in settings.CHANGE_RESULTS}
         if run.done and trained:  # a finished run's numbers depend on these too
             raise UdaError(f"{run.folder} was run with " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(trained.items())))
     except UdaError as exc:
@@ -247,13 +240,9 @@ def check_planned(grid: Grid, todo: list[Run]) -> None:
     if grid.source_model and any(run.stage == "adapt" for run in todo) and not Path(grid.source_model).is_file():
         raise ConfigError(f"grid {grid.name}: source_model {grid.source_model} does not exist; train it first "
                           "(the grid file's header names the command)")
-    from uda.adapt import check_adapt_settings
-
     for run in todo:
         try:
-            cfg = planned_config(run)
-            if run.stage == "adapt":
-                check_adapt_settings(cfg)
+            planned_config(run)
         except ConfigError as exc:
             raise ConfigError(f"grid {grid.name}, {run.stage} of {run.label}: {exc}") from None
 

@@ -11,6 +11,7 @@ import torch.distributed
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from uda.config import Config
 from uda.errors import ConfigError
 
 
@@ -119,3 +120,17 @@ class CenterLoss(nn.Module):
             self.centers.grad /= torch.distributed.get_world_size()
         self.centers.grad.mul_(1.0 / self.weight)
         self.optimizer.step()
+
+
+def reid_losses(global_features: Tensor, logits: Tensor, labels: Tensor, loss: Config, prefix: str = "") -> dict[str, Tensor]:
+    """The strong baseline's two losses on one branch: ID (label-smoothed CE on the head's logits of f_i)
+    and batch-hard triplet on the pooled f_t; weighted by the config's `loss` section, named '<prefix>ce' and
+    '<prefix>triplet'."""
+    losses = {}
+    if loss.ce_weight > 0:
+        losses[f"{prefix}ce"] = loss.ce_weight * cross_entropy_label_smooth(logits.float(), labels, loss.label_smoothing)
+    if loss.triplet_weight > 0:
+        losses[f"{prefix}triplet"] = loss.triplet_weight * triplet_loss(global_features, labels, loss.triplet_margin, loss.soft_margin)
+    if not losses:
+        raise ConfigError("loss.ce_weight and loss.triplet_weight are both 0: nothing to train")
+    return losses

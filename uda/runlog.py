@@ -23,6 +23,7 @@ import yaml
 from uda import checkpoint
 from uda.config import Config, config_changes, dump_config
 from uda.errors import UdaError
+from uda.settings import RESUME_MAY_CHANGE
 
 LAST_CHECKPOINT = "last.pth"
 FINAL_MODEL = "model_final.pth"
@@ -112,14 +113,6 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-# Settings a resumed run may change: where things are and how fast they run, how long it trains and how
-# often it evaluates. Any other change would make one run of two experiments.
-RESUME_MAY_CHANGE = frozenset({
-    "data.root", "data.num_workers", "data.cache", "eval.batch_size", "eval.rerank", "device", "adapt.init",
-    "optim.epochs", "train.eval_every", "train.keep_checkpoints",
-})
-
-
 def previous_checkpoint(path: Path, age: int) -> Path:
     """last.pth's older copies: last.1.pth (the epoch before), last.2.pth, ..."""
     return path.with_name(f"{path.stem}.{age}{path.suffix}")
@@ -160,30 +153,57 @@ class RunDir:
         self.logger.propagate = False
         self.writer = None
         self.keep_checkpoints = int(cfg.get("train", {}).get("keep_checkpoints", 2))
+        self.resuming = resume and self.path.is_dir() and bool(self.checkpoint_files())  # a checkpoint to go on from
         if not is_main:
             return
+        self._refuse_another_run(resume)
+        changes = check_resumable(self.path, cfg) if resume else {}
+        self.path.mkdir(parents=True, exist_ok=True)
+        earlier = self._clear_unfinished_attempt()
+        self._write_provenance(cfg, provenance or {})
+        self._open_log()
+        if resume and not self.resuming:
+            self.log(f"--resume: {self.path} holds no checkpoint yet, so the run starts from the beginning")
+        if earlier:
+            self.log(f"{self.path} held records of an earlier attempt without a checkpoint ({', '.join(earlier)}): "
+                     "removed, so the folder holds this run alone")
+        for key, value in (provenance or {}).items():
+            self.log(f"{key}: {value}")
+        if changes:
+            self.log("resumed with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
+
+    def _refuse_another_run(self, resume: bool) -> None:
+        """A file in the folder's place, or a folder holding a run's checkpoint without --resume, is refused."""
         if self.path.exists() and not self.path.is_dir():
             raise UdaError(f"the run folder {self.path} is a file; choose another --output-dir")
-        checkpoints = self.checkpoint_files()
-        if checkpoints and not resume:
+        if self.checkpoint_files() and not resume:
             raise UdaError(
                 f"{self.path} already holds a run; pass --resume to continue it or choose another --output-dir"
             )
-        changes = check_resumable(self.path, cfg) if resume else {}
-        self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob(".*.tmp"):  # left by a process killed while writing
+
+    def _clear_unfinished_attempt(self) -> list[str]:
+        """Remove what a killed process left: temporary files, and the records of an earlier attempt that
+        never reached a checkpoint (not part of this run). Returns the names of those records."""
+        for stale in self.path.glob(".*.tmp"):
             stale.unlink()
+        if self.checkpoint_files():
+            return []
         earlier = [name for name in ("metrics.jsonl", "tb", FINAL_MODEL, PSEUDO_LABELS) if (self.path / name).exists()]
-        if not checkpoints:
-            for name in earlier:  # an earlier attempt that never reached a checkpoint: not part of this run
-                target = self.path / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        for name in earlier:
+            target = self.path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return earlier
+
+    def _write_provenance(self, cfg: Config, provenance: dict[str, str]) -> None:
+        """config.yaml (the resolved config) and version.txt (commit, torch, command, machine, `provenance`)."""
         dump_config(cfg, self.path / "config.yaml")
         (self.path / "version.txt").write_text(
             f"commit: {code_version()}\ntorch: {torch.__version__}\npython: {sys.version.split()[0]}\n"
-            f"command: {' '.join(sys.argv)}\n{machine_record(cfg)}"
-            + "".join(f"{k}: {v}\n" for k, v in (provenance or {}).items())
+            f"command: {' '.join(sys.argv)}\n{machine_record(cfg)}" + "".join(f"{k}: {v}\n" for k, v in provenance.items())
         )
+
+    def _open_log(self) -> None:
+        """log.txt and stdout for this run's and the package's messages; TensorBoard events under tb/."""
         if not self.logger.handlers:
             fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
             for handler in (logging.FileHandler(self.path / "log.txt"), logging.StreamHandler(sys.stdout)):
@@ -193,15 +213,6 @@ class RunDir:
         from tensorboardX import SummaryWriter  # imported here: only the main process writes events
 
         self.writer = SummaryWriter(str(self.path / "tb"))
-        if resume and not checkpoints:
-            self.log(f"--resume: {self.path} holds no checkpoint yet, so the run starts from the beginning")
-        if earlier and not checkpoints:
-            self.log(f"{self.path} held records of an earlier attempt without a checkpoint ({', '.join(earlier)}): "
-                     "removed, so the folder holds this run alone")
-        for key, value in (provenance or {}).items():
-            self.log(f"{key}: {value}")
-        if changes:
-            self.log("resumed with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
 
     def log(self, message: str) -> None:
         if self.is_main:

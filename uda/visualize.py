@@ -102,13 +102,15 @@ def cluster_rows(labels: np.ndarray, paths: list[str], true_ids: np.ndarray, cho
 
 
 def ranks(args: argparse.Namespace) -> Path:
-    from uda import stage
+    from uda import build
+    from uda.evaluation import protocol
+    from uda.data import splits
     from uda.evaluation.distance import pairwise_distance
 
-    model, cfg, device = stage.inference_model(args.model, args.opts, args.data_root)
-    dataset = stage.load_named_dataset(args.dataset, cfg, "test")
-    test_set = stage.make_test_set(dataset, cfg, device)
-    qf, gf = stage.test_set_features(model, test_set, cfg, stage.amp_dtype(cfg, device))
+    model, cfg, device = build.inference_model(args.model, args.opts, args.data_root)
+    dataset = splits.load_named_dataset(args.dataset, cfg, "test")
+    test_set = protocol.make_test_set(dataset, cfg, device)
+    qf, gf = protocol.test_set_features(model, test_set, cfg, build.amp_dtype(cfg, device))
     dist = pairwise_distance(qf, gf, metric=cfg.eval.metric, device=device).cpu()
     rng = np.random.default_rng(args.seed)
     chosen = sorted(rng.choice(len(test_set.query), size=min(args.queries, len(test_set.query)), replace=False).tolist())

@@ -69,21 +69,7 @@ def evaluate(
     if max_rank < 1:
         raise UdaError(f"max_rank must be at least 1, got {max_rank}")
 
-    num_query, num_gallery = distmat.shape
-    rows_per_chunk = max(1, _PAIRS_PER_CHUNK // num_gallery)
-    aps, inps, first_ranks = [], [], []
-    for start in range(0, num_query, rows_per_chunk):
-        stop = min(start + rows_per_chunk, num_query)
-        chunk_ap, chunk_inp, chunk_first = _score_queries(
-            distmat[start:stop], q_pids[start:stop], g_pids, q_camids[start:stop], g_camids, ap, remove_same_camera
-        )
-        aps.append(chunk_ap)
-        inps.append(chunk_inp)
-        first_ranks.append(chunk_first)
-    ap_per_query = torch.cat(aps).cpu()
-    inp_per_query = torch.cat(inps).cpu()
-    first_rank = torch.cat(first_ranks).cpu()
-
+    ap_per_query, inp_per_query, first_rank = _score_in_chunks(distmat, q_pids, g_pids, q_camids, g_camids, ap, remove_same_camera)
     valid = first_rank > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
@@ -106,6 +92,17 @@ def evaluate(
         "rank10": float(fraction_within(10)),
         "num_valid_queries": num_valid,
     }
+
+
+def _score_in_chunks(distmat, q_pids, g_pids, q_camids, g_camids, ap, remove_same_camera):
+    """_score_queries over blocks of query rows (_PAIRS_PER_CHUNK pairs each: MSMT17's matrix does not fit
+    at once); (AP, INP, rank of the first match or 0) per query, on the CPU."""
+    num_query, num_gallery = distmat.shape
+    rows_per_chunk = max(1, _PAIRS_PER_CHUNK // num_gallery)
+    scores = [_score_queries(distmat[start:start + rows_per_chunk], q_pids[start:start + rows_per_chunk], g_pids,
+                             q_camids[start:start + rows_per_chunk], g_camids, ap, remove_same_camera)
+              for start in range(0, num_query, rows_per_chunk)]
+    return tuple(torch.cat(part).cpu() for part in zip(*scores))
 
 
 def _score_queries(

@@ -1,0 +1,136 @@
+"""uda.head_policies: each policy's gradients reach only its own rows, the re-created rows move the
+optimizer with them, and the switches (row init, temperature, re-normalisation) by hand."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uda import adapt, build
+from uda.cluster import cluster_centers
+from uda.config import load_config
+from uda.head_policies import (HEAD_POLICIES, TARGET_GROUP, MergedHead, SeparateHeads, TrainNet, initial_rows, param_groups, replace_head,
+                               temperature_at)
+from uda.models import build_model
+
+SOURCE = (torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3]))
+TARGET = (torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 0]))  # cluster ids
+
+
+def policy_net(policy: str, num_source=5, num_clusters=3, *opts):
+    torch.manual_seed(0)
+    cfg = load_config(adapt.DEFAULTS, opts=["model.backbone=resnet18_w16", f"adapt.classifier={policy}", *opts])
+    heads = HEAD_POLICIES[policy](lambda rows: build.build_classifier(cfg, 128, rows), num_source)
+    net = TrainNet(build_model("resnet18_w16", "none"), heads)
+    optimizer = build.build_optimizer(param_groups(net, heads), cfg)
+    heads.recluster(F.normalize(torch.randn(num_clusters, 128), dim=1), optimizer)
+    return net.train(), cfg, optimizer
+
+
+def test_separate_heads_are_cosine_heads_whose_gradients_reach_only_their_own_rows():
+    net, cfg, _ = policy_net("separate")
+    assert isinstance(net.heads, SeparateHeads) and net.heads.reclustered == "target"
+    out, scored = net(torch.cat([SOURCE[0], TARGET[0]]), {"source": SOURCE[1], "target": TARGET[1]})
+    cos = F.normalize(out["bn"][4:], dim=1) @ F.normalize(net.heads["target"].weight, dim=1).T
+    assert torch.allclose(scored["target"][0], cos / 0.1, atol=1e-5)  # logits = cos / T, by hand
+    assert torch.equal(scored["target"][1], TARGET[1]) and torch.equal(scored["source"][1], SOURCE[1])
+    source_rows, target_rows = net.heads["source"].weight, net.heads["target"].weight
+    grad = torch.autograd.grad(F.cross_entropy(*scored["target"]), [source_rows, target_rows, net.model.backbone.conv1.weight],
+                               retain_graph=True, allow_unused=True)
+    assert (grad[0] is None or not grad[0].any()) and grad[1].abs().sum() > 0 and grad[2].abs().sum() > 0
+    grad = torch.autograd.grad(F.cross_entropy(*scored["source"]), [source_rows, target_rows], allow_unused=True)
+    assert grad[0].abs().sum() > 0 and (grad[1] is None or not grad[1].any())
+
+
+def test_merged_head_scores_both_domains_on_one_weight_with_offset_target_labels():
+    net, cfg, _ = policy_net("merged", 5, 3, "loss.label_smoothing=0")
+    assert isinstance(net.heads, MergedHead) and net.heads["merged"].num_classes == 8
+    batch = ((*SOURCE, None), (*TARGET, None))
+    losses = adapt.joint_losses(net, batch, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        bn = net.model(torch.cat([SOURCE[0], TARGET[0]]))["bn"]
+        logits = F.normalize(bn, dim=1) @ F.normalize(net.heads["merged"].weight, dim=1).T / 0.1
+    assert losses["target_ce"].item() == pytest.approx(F.cross_entropy(logits[4:], TARGET[1] + 5).item(), rel=1e-5)
+    assert losses["source_ce"].item() == pytest.approx(F.cross_entropy(logits[:4], SOURCE[1]).item(), rel=1e-5)
+    weight = net.heads["merged"].weight
+    grad_target = torch.autograd.grad(losses["target_ce"], weight, retain_graph=True)[0]
+    grad_source = torch.autograd.grad(losses["source_ce"], weight)[0]
+    # one softmax over all 8 rows: each domain's CE pulls its own rows and pushes every other row
+    assert grad_target[5:].abs().sum() > 0 and grad_target[:5].abs().sum() > 0
+    assert grad_source[:5].abs().sum() > 0 and grad_source[5:].abs().sum() > 0
+
+
+def test_merged_recluster_keeps_the_trained_source_rows_and_replaces_the_cluster_rows():
+    net, _, optimizer = policy_net("merged", 5, 3)
+    source_rows = net.heads["merged"].weight.detach()[:5].clone()
+    clusters = F.normalize(torch.randn(6, 128), dim=1)
+    net.heads.recluster(clusters, optimizer)
+    assert torch.equal(net.heads["merged"].weight[:5], source_rows) and torch.equal(net.heads["merged"].weight[5:], clusters)
+
+
+@pytest.mark.parametrize("policy, head", [("separate", "target"), ("merged", "merged")])
+def test_recluster_moves_the_optimizer_to_the_new_rows_and_trains_them(policy, head):
+    net, _, optimizer = policy_net(policy)
+    optimizer.load_state_dict(optimizer.state_dict())  # as on resume: the group dicts are replaced
+    [group] = [g for g in optimizer.param_groups if g["name"] == TARGET_GROUP]
+    assert group["params"] == [net.heads[head].weight]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
+    old = net.heads[head].weight
+    old.grad = torch.ones_like(old)
+    optimizer.step()
+    assert old in optimizer.state
+    features = F.normalize(torch.randn(10, 128), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, -1])
+    net.heads.recluster(cluster_centers(features, labels), optimizer)
+    new = net.heads[head].weight
+    expected = torch.stack([F.normalize(features[labels == c].mean(0), dim=0) for c in range(4)])
+    assert torch.allclose(new.data[-4:], expected, atol=1e-6)
+    assert group["params"] == [new] and optimizer.param_groups[1] is group and old not in optimizer.state
+    before = new.detach().clone()
+    new.grad = torch.ones_like(new)
+    optimizer.step()
+    assert not torch.equal(new.data, before)
+
+
+def test_resize_gives_the_re_created_head_a_checkpoints_row_count_and_the_optimizer_its_rows():
+    net, _, optimizer = policy_net("separate")
+    net.heads.resize(11, optimizer)
+    [group] = [g for g in optimizer.param_groups if g["name"] == TARGET_GROUP]
+    assert net.heads["target"].num_classes == 11 and group["params"] == [net.heads["target"].weight]
+
+
+def test_replace_head_refuses_rows_of_another_width():
+    net, _, optimizer = policy_net("separate")
+    with pytest.raises(ValueError, match=r"must be \(2, 128\)"):
+        replace_head(net.heads["target"], optimizer, torch.zeros(2, 64))
+
+
+def test_temperature_schedules_by_hand_and_set_on_every_head():
+    grow = [temperature_at(0.1, "grow", e) for e in (1, 2, 3)]
+    shrink = [temperature_at(0.1, "shrink", e) for e in (1, 2, 3)]
+    assert grow == pytest.approx([0.1, 0.1 * (1 + math.log(2)), 0.1 * (1 + math.log(3))])
+    assert grow == pytest.approx([0.1, 0.16931, 0.20986], abs=1e-5)
+    assert shrink == pytest.approx([0.1, 0.05906, 0.04765], abs=1e-5)
+    assert [temperature_at(0.1, "fixed", e) for e in (1, 5)] == [0.1, 0.1]
+    net, _, _ = policy_net("separate")
+    net.heads.set_temperature(0.25)
+    assert net.heads["source"].temperature == net.heads["target"].temperature == 0.25
+
+
+def test_head_rows_start_from_centres_or_a_seeded_normal_draw():
+    centers = F.normalize(torch.randn(6, 32), dim=1)
+    assert initial_rows(centers, "centers", 1) is centers
+    rows = initial_rows(centers, "normal", 1)
+    assert rows.shape == centers.shape and 0.0005 < rows.std().item() < 0.0015 and abs(rows.mean().item()) < 3e-4
+    assert torch.equal(rows, initial_rows(centers, "normal", 1))  # a resumed run draws the same rows
+    assert not torch.equal(rows, initial_rows(centers, "normal", 2))
+
+
+def test_renormalize_rows_sets_unit_norm_rows():
+    net, _, _ = policy_net("separate")
+    heads = net.heads
+    heads["source"].weight.data.mul_(torch.tensor([[0.01], [3.0], [1.0], [7.0], [2.0]]))
+    direction = F.normalize(heads["source"].weight.detach().clone(), dim=1)
+    heads.renormalize_rows()
+    assert torch.allclose(heads["source"].weight.norm(dim=1), torch.ones(5)) and torch.allclose(heads["source"].weight, direction)
+    assert torch.allclose(heads["target"].weight.norm(dim=1), torch.ones(3))
