@@ -5,6 +5,7 @@ of a distributed run writes; the others get a RunDir whose writers are silent.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -141,6 +143,64 @@ def check_resumable(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
     return changes
 
 
+LOCK_FILE = ".lock"  # in the run folder: flock-ed by the process writing it, holding its pid
+
+
+class FolderLock:
+    """An open <run>/.lock holding an exclusive flock, for as long as this object lives. The kernel frees
+    the lock when the process ends, however it ends (kill -9 included): no stale lock to delete."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+_HELD_LOCKS: weakref.WeakValueDictionary[str, FolderLock] = weakref.WeakValueDictionary()  # this process's, by folder
+
+
+def lock_run_folder(path: Path) -> FolderLock | None:
+    """Lock the run folder `path` (made if needed) for this process, or UdaError naming the process
+    holding it: two processes in one folder (a second `--resume` while the first still runs) would both
+    train, write every metrics line twice and interleave checkpoints. RunDirs of one process share one
+    lock. None (unlocked, with a warning) where the file system has no flock."""
+    key = str(path.resolve())
+    held = _HELD_LOCKS.get(key)
+    if held is not None:
+        return held
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UdaError(f"{path} is in use by another process (pid {holder}): a folder holds one run; wait for that "
+                       "one to end (or stop it), or choose another --output-dir") from None
+    except OSError as exc:
+        os.close(fd)
+        LIBRARY_LOG.warning(f"warning: cannot lock {path} ({exc.strerror}): nothing stops a second run into it")
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    lock = _HELD_LOCKS[key] = FolderLock(fd)
+    return lock
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies: a run killed with -9 frees its folder at
+    once, not when its last worker notices."""
+    for lock in list(_HELD_LOCKS.values()):
+        os.close(lock.fd)
+        lock.fd = -1
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 class RunDir:
     """One experiment's folder, holding one run. `resume=False` refuses a folder that already holds a
     run's checkpoint. A run that starts without a checkpoint to continue from (a first start, a
@@ -160,10 +220,12 @@ class RunDir:
         self.logger.propagate = False
         self.writer = None
         self.keep_checkpoints = int(cfg.get("train", {}).get("keep_checkpoints", 2))
+        self.lock = None
         if not is_main:
             return
         if self.path.exists() and not self.path.is_dir():
             raise UdaError(f"the run folder {self.path} is a file; choose another --output-dir")
+        self.lock = lock_run_folder(self.path)  # before anything here is read or changed
         checkpoints = self.checkpoint_files()
         if checkpoints and not resume:
             raise UdaError(
@@ -311,6 +373,7 @@ class RunDir:
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
+        self.lock = None  # frees the folder, unless another RunDir of this process still holds it
 
 
 LIBRARY_LOG = logging.getLogger("uda")  # the package's own messages: weights used, images skipped, cache sizes
