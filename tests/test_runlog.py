@@ -1,4 +1,5 @@
 """uda.runlog: one run per folder, the last K checkpoints with a fallback, stale temporaries, file modes."""
+import errno
 import os
 import platform
 import signal
@@ -244,3 +245,62 @@ def test_close_frees_the_folder_and_runs_of_one_process_share_it(tmp_path):
     assert "is in use by another process" in start_in_another_process(folder, "resume").stderr  # second holds it
     second.close()
     assert start_in_another_process(folder, "resume").returncode == 0
+
+
+
+def fail_with(error_number: int):
+    """A function that fails as a write to a full disk (ENOSPC) or over a quota (EDQUOT) does."""
+    def fail(*args):
+        raise OSError(error_number, os.strerror(error_number))
+    return fail
+
+
+class FullDisk:
+    """An open file whose writes fail as on a full disk."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.write = fail_with(errno.ENOSPC)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_checkpoint_left(tmp_path, monkeypatch):
+    """The write fails inside torch.save (which reports it as a RuntimeError) or at the fsync (an
+    OSError, here a quota's); either way the previous checkpoint is intact and resume goes on from it."""
+    import pytest
+
+    from uda.errors import UdaError
+
+    folder = tmp_path / "run"
+    run = RunDir(folder, config())
+    run.save_checkpoint({"epoch": 1, "w": torch.ones(3)})
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(UdaError) as info:
+        run.save_checkpoint({"epoch": 2, "w": torch.zeros(3)})
+    assert str(info.value) == (
+        f"the disk is full (No space left on device) while writing {folder / 'last.pth'}, which was not changed; "
+        f"the last good checkpoint, {folder / 'last.pth'}, is intact; free some space, then run the same command with --resume")
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    monkeypatch.setattr(os, "fsync", fail_with(errno.EDQUOT))
+    with pytest.raises(UdaError, match=r"the disk is full \(Disk quota exceeded\) .*last.pth.*--resume"):
+        run.save_checkpoint({"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    run.close()
+    assert not list(folder.glob(".*.tmp"))
+    resumed = RunDir(folder, config(), resume=True)
+    assert resumed.load_checkpoint()["epoch"] == 1 and torch.equal(torch.load(folder / "last.pth")["w"], torch.ones(3))
+    resumed.close()
+    first = RunDir(tmp_path / "first", config())
+    monkeypatch.setattr(torch, "save", fail_with(errno.ENOSPC))
+    with pytest.raises(UdaError, match=r"writing .*first.last.pth, which was not changed; .*first holds no checkpoint yet"):
+        first.save_checkpoint({"epoch": 1})
+    first.close()

@@ -5,6 +5,7 @@ of a distributed run writes; the others get a RunDir whose writers are silent.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -86,7 +87,8 @@ PSEUDO_LABELS = "pseudo_labels"  # adapt's per-epoch cluster labels
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """`write(handle)` into a temporary file in the same folder, then rename: a killed run never leaves
-    half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start)."""
+    half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start). A full disk
+    is a UdaError saying so (see disk_full_error)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600
@@ -96,9 +98,37 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full(exc)
+        if full is not None:
+            raise disk_full_error(path, full) from None
         raise
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The no-space (or over-quota) OSError behind `exc`, or None. torch.save reports a failed write as
+    a RuntimeError ('unexpected pos') whose context is the write's OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_error(path: Path, exc: OSError) -> UdaError:
+    """A full disk while writing `path` of a run folder, in one line: what is left (the file as it was,
+    the last checkpoint) and how to go on. Nothing is lost: the run resumes from its last checkpoint."""
+    folder = path.parent.parent if path.parent.name == PSEUDO_LABELS else path.parent
+    last = folder / LAST_CHECKPOINT
+    kept = f"the last good checkpoint, {last}, is intact" if last.is_file() else f"{folder} holds no checkpoint yet"
+    return UdaError(f"the disk is full ({exc.strerror}) while writing {path}, which was not changed; {kept}; "
+                    "free some space, then run the same command with --resume")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
