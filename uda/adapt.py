@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from uda import checkpoint, stage
 from uda.cli import run_main, stage_parser
-from uda.cluster import CLUSTER_METHODS, cluster_centers, pseudo_label_round
+from uda.cluster import CLUSTER_METHODS, check_camera_normalize, cluster_centers, pseudo_label_round
 from uda.config import Config, flatten, load_config, opt
 from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import fit, log_evaluation, seed_everything, set_lr, train_steps
@@ -237,11 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(dist, cfg.device)
     source = stage.load_named_dataset(cfg.data.source, cfg, "source")
     target = stage.load_named_dataset(cfg.data.target, cfg, "target")
-    if cfg.cluster.camera_normalize and not target.has_cameras:
-        raise ConfigError(
-            f"cluster.camera_normalize=true needs camera ids, and {target.name} ({target.root}) has none: "
-            f"pass --opts cluster.camera_normalize=false, or give its images cameras (names c<N>_..., or a camid column)"
-        )
+    check_camera_normalize(cfg.cluster.camera_normalize, target)
     if cfg.cluster.method == "kmeans" and cfg.cluster.num_clusters > len(target.train):
         raise ConfigError(f"cluster.num_clusters={cfg.cluster.num_clusters} is more than the {len(target.train)} train images of "
                           f"{target.name}: k-means needs an image per cluster (set cluster.num_clusters to about its identity count)")
