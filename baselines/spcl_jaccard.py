@@ -16,7 +16,6 @@ and really takes k1 + 1. Here the search asks for k1 + 1 (the point itself and k
 definition `uda.cluster.jaccard_distance` uses, so the two can be compared exactly; with their
 convention, k1 = 30 here corresponds to k1 = 31 there.
 """
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,8 @@ def _k_reciprocal_neighbours(initial_rank: np.ndarray, i: int, k: int) -> np.nda
 
 def compute_jaccard_distance(features: torch.Tensor, k1: int = 30, k2: int = 6) -> np.ndarray:
     """Dense (N, N) float32 k-reciprocal Jaccard distances of (N, D) features (L2-normalised here)."""
+    import faiss  # here: importing this module (tests do) must not need the optional faiss
+
     features = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1).cpu()
     num = features.shape[0]
     index = faiss.IndexFlatIP(features.shape[1])

@@ -1,7 +1,12 @@
 """uda.runlog: one run per folder, the last K checkpoints with a fallback, stale temporaries, file modes."""
+import errno
 import os
 import platform
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -163,3 +168,139 @@ def test_a_run_folder_that_is_a_file_is_named(tmp_path):
     (tmp_path / "run").write_text("")
     with pytest.raises(UdaError, match="the run folder .*run is a file; choose another --output-dir"):
         RunDir(tmp_path / "run", config())
+
+
+REPO = Path(__file__).resolve().parents[1]
+# A run in progress: its first records written, no checkpoint yet, and a forked child (what a DataLoader
+# worker is) holding copies of its open files.
+HOLDER = """
+import os, sys, time
+from uda.config import load_config
+from uda.runlog import RunDir
+run = RunDir(sys.argv[1], load_config({"seed": 1}))
+run.log_metrics(0, {"set": {"mAP": 0.5}})
+worker = os.fork()
+if worker == 0:
+    time.sleep(300)
+    os._exit(0)
+print("worker", worker, flush=True)
+time.sleep(300)
+"""
+START = """
+import sys
+from uda.cli import run_main
+from uda.config import load_config
+from uda.runlog import RunDir
+run_main(lambda argv: RunDir(sys.argv[1], load_config({"seed": 1}), resume=sys.argv[2] == "resume").close())
+"""
+
+
+def python(code: str, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True, **popen)
+
+
+def start_in_another_process(folder, mode: str) -> subprocess.CompletedProcess:
+    """RunDir(folder) in a new process (mode "resume": with --resume), as an entry point runs it."""
+    process = python(START, str(folder), mode, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_a_folder_in_use_is_refused_to_a_second_process_until_its_holder_is_killed(tmp_path):
+    """A second start (fresh: it would clean the first's records; or --resume) while the first runs is
+    refused in one line naming the first's pid, before it touches the folder; kill -9 frees the folder,
+    even while a forked worker of the killed run lives on."""
+    folder = tmp_path / "run"
+    holder = python(HOLDER, str(folder), stdout=subprocess.PIPE)
+    worker = None
+    try:
+        line = holder.stdout.readline()
+        assert line.startswith("worker "), line
+        worker = int(line.split()[1])
+        for mode in ("fresh", "resume"):
+            second = start_in_another_process(folder, mode)
+            assert second.returncode == 2 and second.stderr == (
+                f"error: {folder} is in use by another process (pid {holder.pid}): a folder holds one run; wait for that "
+                "one to end (or stop it), or choose another --output-dir\n"), second.stderr
+        assert read_metrics(folder) == [{"epoch": 0, "set": {"mAP": 0.5}}]  # the refused starts changed nothing
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=60)
+        assert start_in_another_process(folder, "fresh").returncode == 0  # the worker still lives
+    finally:
+        for pid in (holder.pid, worker):
+            try:
+                os.kill(pid, signal.SIGKILL) if pid else None
+            except ProcessLookupError:
+                pass
+        holder.wait(timeout=60)
+
+
+def test_close_frees_the_folder_and_runs_of_one_process_share_it(tmp_path):
+    """A grid or a test runs stages one after another in one process, some opening one folder twice."""
+    folder = tmp_path / "run"
+    first = RunDir(folder, config())
+    second = RunDir(folder, config(), resume=True)
+    first.close()
+    assert "is in use by another process" in start_in_another_process(folder, "resume").stderr  # second holds it
+    second.close()
+    assert start_in_another_process(folder, "resume").returncode == 0
+
+
+
+def fail_with(error_number: int):
+    """A function that fails as a write to a full disk (ENOSPC) or over a quota (EDQUOT) does."""
+    def fail(*args):
+        raise OSError(error_number, os.strerror(error_number))
+    return fail
+
+
+class FullDisk:
+    """An open file whose writes fail as on a full disk."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.write = fail_with(errno.ENOSPC)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_checkpoint_left(tmp_path, monkeypatch):
+    """The write fails inside torch.save (which reports it as a RuntimeError) or at the fsync (an
+    OSError, here a quota's); either way the previous checkpoint is intact and resume goes on from it."""
+    import pytest
+
+    from uda.errors import UdaError
+
+    folder = tmp_path / "run"
+    run = RunDir(folder, config())
+    run.save_checkpoint({"epoch": 1, "w": torch.ones(3)})
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(UdaError) as info:
+        run.save_checkpoint({"epoch": 2, "w": torch.zeros(3)})
+    assert str(info.value) == (
+        f"the disk is full (No space left on device) while writing {folder / 'last.pth'}, which was not changed; "
+        f"the last good checkpoint, {folder / 'last.pth'}, is intact; free some space, then run the same command with --resume")
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    monkeypatch.setattr(os, "fsync", fail_with(errno.EDQUOT))
+    with pytest.raises(UdaError, match=r"the disk is full \(Disk quota exceeded\) .*last.pth.*--resume"):
+        run.save_checkpoint({"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    run.close()
+    assert not list(folder.glob(".*.tmp"))
+    resumed = RunDir(folder, config(), resume=True)
+    assert resumed.load_checkpoint()["epoch"] == 1 and torch.equal(torch.load(folder / "last.pth")["w"], torch.ones(3))
+    resumed.close()
+    first = RunDir(tmp_path / "first", config())
+    monkeypatch.setattr(torch, "save", fail_with(errno.ENOSPC))
+    with pytest.raises(UdaError, match=r"writing .*first.last.pth, which was not changed; .*first holds no checkpoint yet"):
+        first.save_checkpoint({"epoch": 1})
+    first.close()

@@ -30,7 +30,7 @@ from uda import checkpoint
 from uda.build import (amp_dtype, build_classifier, build_optimizer, build_reid_model, build_schedule, check_model_settings,
                        load_model_weights, runtime)
 from uda.cli import config_overrides, run_main, stage_parser
-from uda.cluster import cluster_centers, pseudo_label_round
+from uda.cluster import check_camera_normalize, cluster_centers, pseudo_label_round
 from uda.config import Config, flatten, load_config, opt
 from uda.data.splits import load_named_dataset, make_plain_loader, make_train_loader, prepare_train_split, stream_seed
 from uda.datasets import ReIDDataset
@@ -205,11 +205,7 @@ def load_source_model(cfg: Config, path: Path) -> ReIDModel:
 
 def check_target(cfg: Config, target: ReIDDataset) -> None:
     """Settings the target dataset cannot serve, refused before any image is decoded."""
-    if cfg.cluster.camera_normalize and not target.has_cameras:
-        raise ConfigError(
-            f"cluster.camera_normalize=true needs camera ids, and {target.name} ({target.root}) has none: "
-            f"pass --opts cluster.camera_normalize=false, or give its images cameras (names c<N>_..., or a camid column)"
-        )
+    check_camera_normalize(cfg.cluster.camera_normalize, target)
     if cfg.cluster.method == "kmeans" and cfg.cluster.num_clusters > len(target.train):
         raise ConfigError(f"cluster.num_clusters={cfg.cluster.num_clusters} is more than the {len(target.train)} train images of "
                           f"{target.name}: k-means needs an image per cluster (set cluster.num_clusters to about its identity count)")

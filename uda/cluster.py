@@ -18,8 +18,9 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 from torch import Tensor
 
+from uda.datasets import ReIDDataset
 from uda.distributed import DistInfo
-from uda.errors import ClusteringError, UdaError
+from uda.errors import ClusteringError, ConfigError, UdaError
 from uda.kreciprocal import (
     PairDistance,
     default_chunk_size,
@@ -152,6 +153,16 @@ def remove_camera_means(features: np.ndarray | Tensor, camids: np.ndarray | Tens
     counts = torch.bincount(cams).float()
     means = features.new_zeros(int(counts.numel()), features.shape[1]).index_add_(0, cams, features) / counts[:, None]
     return F.normalize(features - means[cams], dim=1)
+
+
+def check_camera_normalize(camera_normalize: bool, target: ReIDDataset) -> None:
+    """cluster.camera_normalize needs the target's camera ids (custom data may have none). adapt checks it
+    at its start, a grid when it is read: not after the grid's source models have trained."""
+    if camera_normalize and not target.has_cameras:
+        raise ConfigError(
+            f"cluster.camera_normalize=true needs camera ids, and {target.name} ({target.root}) has none: "
+            f"pass --opts cluster.camera_normalize=false, or give its images cameras (names c<N>_..., or a camid column)"
+        )
 
 
 def pseudo_labels(

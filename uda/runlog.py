@@ -5,6 +5,8 @@ of a distributed run writes; the others get a RunDir whose writers are silent.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -85,7 +88,8 @@ PSEUDO_LABELS = "pseudo_labels"  # adapt's per-epoch cluster labels
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """`write(handle)` into a temporary file in the same folder, then rename: a killed run never leaves
-    half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start)."""
+    half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start). A full disk
+    is a UdaError saying so (see disk_full_error)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600
@@ -95,9 +99,37 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full(exc)
+        if full is not None:
+            raise disk_full_error(path, full) from None
         raise
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The no-space (or over-quota) OSError behind `exc`, or None. torch.save reports a failed write as
+    a RuntimeError ('unexpected pos') whose context is the write's OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_error(path: Path, exc: OSError) -> UdaError:
+    """A full disk while writing `path` of a run folder, in one line: what is left (the file as it was,
+    the last checkpoint) and how to go on. Nothing is lost: the run resumes from its last checkpoint."""
+    folder = path.parent.parent if path.parent.name == PSEUDO_LABELS else path.parent
+    last = folder / LAST_CHECKPOINT
+    kept = f"the last good checkpoint, {last}, is intact" if last.is_file() else f"{folder} holds no checkpoint yet"
+    return UdaError(f"the disk is full ({exc.strerror}) while writing {path}, which was not changed; {kept}; "
+                    "free some space, then run the same command with --resume")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -134,6 +166,64 @@ def check_resumable(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
     return changes
 
 
+LOCK_FILE = ".lock"  # in the run folder: flock-ed by the process writing it, holding its pid
+
+
+class FolderLock:
+    """An open <run>/.lock holding an exclusive flock, for as long as this object lives. The kernel frees
+    the lock when the process ends, however it ends (kill -9 included): no stale lock to delete."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+_HELD_LOCKS: weakref.WeakValueDictionary[str, FolderLock] = weakref.WeakValueDictionary()  # this process's, by folder
+
+
+def lock_run_folder(path: Path) -> FolderLock | None:
+    """Lock the run folder `path` (made if needed) for this process, or UdaError naming the process
+    holding it: two processes in one folder (a second `--resume` while the first still runs) would both
+    train, write every metrics line twice and interleave checkpoints. RunDirs of one process share one
+    lock. None (unlocked, with a warning) where the file system has no flock."""
+    key = str(path.resolve())
+    held = _HELD_LOCKS.get(key)
+    if held is not None:
+        return held
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UdaError(f"{path} is in use by another process (pid {holder}): a folder holds one run; wait for that "
+                       "one to end (or stop it), or choose another --output-dir") from None
+    except OSError as exc:
+        os.close(fd)
+        LIBRARY_LOG.warning(f"warning: cannot lock {path} ({exc.strerror}): nothing stops a second run into it")
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    lock = _HELD_LOCKS[key] = FolderLock(fd)
+    return lock
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies: a run killed with -9 frees its folder at
+    once, not when its last worker notices."""
+    for lock in list(_HELD_LOCKS.values()):
+        os.close(lock.fd)
+        lock.fd = -1
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 class RunDir:
     """One experiment's folder, holding one run. `resume=False` refuses a folder that already holds a
     run's checkpoint. A run that starts without a checkpoint to continue from (a first start, a
@@ -153,10 +243,12 @@ class RunDir:
         self.logger.propagate = False
         self.writer = None
         self.keep_checkpoints = int(cfg.get("train", {}).get("keep_checkpoints", 2))
+        self.lock = None
+        if is_main:
+            self._refuse_another_run(resume)
         self.resuming = resume and self.path.is_dir() and bool(self.checkpoint_files())  # a checkpoint to go on from
         if not is_main:
             return
-        self._refuse_another_run(resume)
         changes = check_resumable(self.path, cfg) if resume else {}
         self.path.mkdir(parents=True, exist_ok=True)
         earlier = self._clear_unfinished_attempt()
@@ -173,9 +265,11 @@ class RunDir:
             self.log("resumed with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
 
     def _refuse_another_run(self, resume: bool) -> None:
-        """A file in the folder's place, or a folder holding a run's checkpoint without --resume, is refused."""
+        """A file in the folder's place, a folder another process is writing (its lock, held from here on), or
+        a folder holding a run's checkpoint without --resume, is refused."""
         if self.path.exists() and not self.path.is_dir():
             raise UdaError(f"the run folder {self.path} is a file; choose another --output-dir")
+        self.lock = lock_run_folder(self.path)  # before anything here is read or changed
         if self.checkpoint_files() and not resume:
             raise UdaError(
                 f"{self.path} already holds a run; pass --resume to continue it or choose another --output-dir"
@@ -322,6 +416,7 @@ class RunDir:
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
+        self.lock = None  # frees the folder, unless another RunDir of this process still holds it
 
 
 LIBRARY_LOG = logging.getLogger("uda")  # the package's own messages: weights used, images skipped, cache sizes

@@ -148,12 +148,14 @@ def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
             f"{name}: some images have a camera id and some do not (e.g. {example}); give every image one "
             f"(file names starting c<N>_, or the camid column) or none"
         )
-    duplicated = _first_duplicate([r[1] for r in rows if r[0] != "train"])
-    if duplicated:
-        raise DatasetError(f"{name}: {duplicated} is listed twice among query and gallery; a query must not be its own match")
     missing = next((r[1] for r in rows if not os.path.isfile(r[1])), None)
     if missing:
         raise DatasetError(f"{name}: image {missing} does not exist")
+    duplicated = _same_image_twice([r[1] for r in rows if r[0] != "train"])
+    if duplicated:
+        first, again = duplicated
+        raise DatasetError(f"{name}: {first} is listed twice among query and gallery"
+                           + (f" (again as {again})" if again != first else "") + "; a query must not be its own match")
 
     id_index = {pid: i for i, pid in enumerate(sorted({r[2] for r in rows if r[2] is not None}, key=_natural))}
     cam_index = {cam: i for i, cam in enumerate(sorted({r[3] for r in rows if r[3] is not None}, key=_natural))}
@@ -184,10 +186,15 @@ def _natural(name: str) -> tuple:
     return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
-def _first_duplicate(items: list[str]) -> str | None:
-    seen: set[str] = set()
-    for item in items:
-        if item in seen:
-            return item
-        seen.add(item)
+def _same_image_twice(paths: list[str]) -> tuple[str, str] | None:
+    """The first image listed twice, as (its first listing, the next): one file however it is named
+    (img/../img/q.jpg, a symbolic or hard link), told by device and inode. Without cameras nothing else
+    removes a query's own copy from its gallery, and it ranks first: rank-1 100%, mAP inflated."""
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:
+        status = os.stat(path)
+        key = (status.st_dev, status.st_ino)
+        if key in seen:
+            return seen[key], path
+        seen[key] = path
     return None

@@ -25,7 +25,9 @@ def pairwise_distance(
     euclidean:   ||x - y||, from ||x||^2 + ||y||^2 - 2 x.y clamped at 0 (one matrix product instead
                  of M * N differences; near 0 its absolute error is about sqrt(eps) * ||x||, so a
                  point's distance to itself comes out ~1e-3 for unit-norm float32 features, not 0).
-    sqeuclidean: the same before the square root (what the published re-ranking algorithm takes).
+    sqeuclidean: the same before the square root. Not for re-ranking: `re_ranking` takes euclidean
+                 distances and squares them itself, as Zhong et al.'s code does (these would reach
+                 it raised to the fourth power).
     cosine:      1 - cos(x, y), on L2-normalized copies of the inputs; in [0, 2].
     The work runs on `device` (None: CUDA when available, else CPU) in chunks of chunk_size rows of
     x; y stays on the device and each (chunk_size, N) block is moved to the CPU as soon as it is done,

@@ -102,10 +102,11 @@ def re_ranking(
 ) -> np.ndarray:
     """Re-ranked (Q, G) float32 distances: (1 - lambda) * Jaccard + lambda * normalised squared distance.
 
-    q_g_dist (Q, G), q_q_dist (Q, Q), g_g_dist (G, G): numpy arrays or tensors of EUCLIDEAN distances
-    (not squared: the published algorithm squares its input, so squared distances would be raised to
-    the fourth power). Computed on `device` (default: CUDA when available) in chunks of `chunk_size`
-    rows (default `default_chunk_size(device)`): ranks by a stable top-(k1+1) per row, sparse
+    q_g_dist (Q, G), q_q_dist (Q, Q), g_g_dist (G, G): numpy arrays or tensors of EUCLIDEAN distances,
+    e.g. `pairwise_distance(..., metric="euclidean")` (not squared, not "sqeuclidean": the published
+    algorithm squares its input, so squared distances would be raised to the fourth power). Computed
+    on `device` (default: CUDA when available) in chunks of `chunk_size` rows (default
+    `default_chunk_size(device)`): ranks by a stable top-(k1+1) per row, sparse
     k-reciprocal encoding, Jaccard for the query rows only. The inputs are never copied into a
     (Q+G) x (Q+G) matrix; on a GPU they are copied there as they are when they take less than half its
     free memory, else read from the host in chunks.
