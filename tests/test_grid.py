@@ -209,6 +209,9 @@ def test_a_cumulative_grid_pairs_each_row_with_the_row_above(grid_file, tmp_path
     (GRID.replace("configs/uda/synth_market2synth_duke.yaml", "configs/uda/none.yaml"), "adapt_config .*configs/uda/none.yaml does not exist"),
     (GRID.replace("name: toy", "name: ../../etc"), "name '../../etc' must be letters, digits"),  # would write outside --runs-dir
     (GRID.replace("variants:", "variants: [\n"), "is not valid YAML"),
+    (GRID.replace("  no_erasing:", "  T=1.0: {opts: [model.temperature=0.2]}\n  no_erasing:"),
+     "grid file .*bad.yaml is not valid YAML: duplicate key 'T=1.0' at line 11 and again at line 12"),  # was: one variant dropped
+    (GRID + "opts: [data.synth_preset=small]\n", "duplicate key 'opts' at line 7 and again at line 13"),
     ("- a list\n", "must hold a mapping"),
     (GRID.replace("opts: [data.synth_preset=tiny]", "opts: data.synth_preset=tiny"), "opts must be a list of key=value strings"),
     (GRID.replace("{opts: [model.temperature=1.0], documents: \"31.7\"}", "just a string"), "variant 'T=1.0' must be a mapping"),

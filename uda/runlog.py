@@ -18,10 +18,9 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
-import yaml
 
 from uda import checkpoint
-from uda.config import Config, config_changes, dump_config
+from uda.config import Config, config_changes, dump_config, read_yaml
 from uda.errors import UdaError
 
 LAST_CHECKPOINT = "last.pth"
@@ -130,7 +129,7 @@ def check_resumable(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
     saved = path / "config.yaml"
     if not saved.is_file():
         return {}
-    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+    changes = config_changes(read_yaml(saved, "run config") or {}, cfg.to_dict())
     refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
     if refused:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
