@@ -138,6 +138,8 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     write_run(runs_dir / "toy" / "T=1.0" / "seed0", 0.20, {2: 0.25})
     write_source(runs_dir / "toy" / "source" / "default" / "seed0", {5: 0.50, 10: 0.70})  # its last epoch: 0.70
     write_source(runs_dir / "toy" / "source" / "default" / "seed1", {10: 0.60})
+    write_run(runs_dir / "toy" / "no_erasing" / "seed0", 0.20, {1: 0.90})
+    (runs_dir / "toy" / "no_erasing" / "seed0" / FINAL_MODEL).unlink()  # cut after epoch 1: left out of the table, not refused
     rows = gridlib.summarise(grid, [0, 1], runs_dir)
     assert rows[0]["on_source"] == pytest.approx((0.65, 0.0707107), abs=1e-6)  # base and T=1.0 share the source models
     assert rows[1]["on_source"] == (0.70, 0.0)  # T=1.0 finished seed 0 only
