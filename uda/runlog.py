@@ -84,17 +84,28 @@ PSEUDO_LABELS = "pseudo_labels"  # adapt's per-epoch cluster labels
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """`write(handle)` into a temporary file in the same folder, then rename: a killed run never leaves
     half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600
+    atomic_write_all({Path(path): write})
+
+
+def atomic_write_all(writes: dict[Path, Callable[[BinaryIO], None]]) -> None:
+    """atomic_write for files that belong together (features, their image paths, their record): each
+    written to its temporary first, then all renamed, so a failure in any leaves none of them."""
+    temporaries: dict[Path, str] = {}
+    renamed: list[Path] = []
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            fd, temporaries[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.chmod(temporaries[path], 0o666 & ~_UMASK)  # mkstemp makes it 0600
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+            renamed.append(path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for path in [*temporaries.values(), *renamed]:
+            Path(path).unlink(missing_ok=True)
         raise
 
 
