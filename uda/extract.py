@@ -38,7 +38,7 @@ from uda import stage
 from uda.cli import output_file, positive_int, run_main
 from uda.config import Config
 from uda.data import test_transform
-from uda.data.images import read_image
+from uda.data.images import read_image, to_rgb
 from uda.distributed import DistInfo, pick_device
 from uda.errors import UdaError
 from uda.evaluation.features import extract_features, fold_batchnorm
@@ -72,7 +72,7 @@ class FeatureExtractor:
     def _batches(self, images: Sequence[Image.Image | str | Path]) -> Iterator[tuple[torch.Tensor]]:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            pil = [image.convert("RGB") if isinstance(image, Image.Image) else read_image(str(image)) for image in chunk]
+            pil = [to_rgb(image) if isinstance(image, Image.Image) else read_image(str(image)) for image in chunk]
             yield (torch.stack([self.transform(image) for image in pil]),)
 
     def __call__(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
