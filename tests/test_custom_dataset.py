@@ -1,13 +1,14 @@
 """Your own data (uda.datasets.custom): folder and CSV layouts, optional cameras and train ids, and the
 no-camera evaluation protocol, down to a run that adapts to an unlabelled camera-less target."""
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from uda import adapt, evaluate, pretrain
+from uda import adapt, evaluate, extract, pretrain
 from uda.datasets import load_dataset
 from uda.errors import ConfigError, DatasetError
 from uda.evaluation.metrics import evaluate as score
@@ -68,6 +69,19 @@ def test_csv_without_camera_column(tmp_path):
     (tmp_path / "data.csv").write_text("path,split,pid\na.jpg,train,1\nq.jpg,query,1\ng.jpg,gallery,1\n")
     dataset = load_dataset(str(tmp_path / "data.csv"))
     assert not dataset.has_cameras and dataset.train_labelled and names(dataset.train) == [(f"{tmp_path.name}/a.jpg", 0, -1, 0)]
+
+
+def test_the_image_suffixes_extract_reads_are_images_and_other_files_are_counted(tmp_path, caplog):
+    """.webp and .tif were skipped here without a word while uda.extract read them."""
+    root = write_folder(tmp_path / "mine")
+    touch(root / "train" / "bob", "c1_005.webp", "c2_006.TIF", "c1_007.tiff", "notes.txt", ".DS_Store")
+    touch(root / "gallery", "README.md")
+    with caplog.at_level(logging.WARNING, logger="uda.datasets.custom"):
+        dataset = load_dataset(str(root))
+    assert {"c1_005.webp", "c2_006.TIF", "c1_007.tiff"} <= {Path(r.path).name for r in dataset.train}
+    assert dataset.dropped == {"not_images": 2}  # hidden files (.DS_Store) are not counted
+    assert "mine: skipped 2 file(s) that are not images (.jpg .jpeg .png .bmp .webp .tif .tiff), e.g. " in caplog.text
+    assert {p.name for p in extract.list_images(root / "train")} == {Path(r.path).name for r in dataset.train}
 
 
 @pytest.mark.parametrize("make, message", [

@@ -39,12 +39,12 @@ from uda.cli import output_file, positive_int, run_main
 from uda.config import Config
 from uda.data import test_transform
 from uda.data.images import read_image, to_rgb
+from uda.datasets.base import IMAGE_SUFFIXES
 from uda.distributed import DistInfo, pick_device
 from uda.errors import UdaError
 from uda.evaluation.features import extract_features, fold_batchnorm
 from uda.runlog import atomic_write_all
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PATHS_ERRORS = "surrogateescape"  # a file name that is not UTF-8 is written to (and read from) a paths list as its bytes
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from uda.errors import DatasetError
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what a folder of your own images may hold
+                                                                          # (a custom dataset, uda.extract); any case
 
 @dataclass(frozen=True)
 class ImageRecord:
