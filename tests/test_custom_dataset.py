@@ -106,6 +106,10 @@ def test_folder_layout_errors_name_the_problem(tmp_path, make, message):
     ("split,path,pid\ntrain,a.jpg,1\ntrain,b.jpg,\nquery,q.jpg,1\ngallery,g.jpg,1\n", "some train images have ids and some do not"),
     ("split,path,pid\ntrain,a.jpg,1\nquery,q.jpg,1\ngallery,q.jpg,1\n", "q.jpg is listed twice among query and gallery"),
     ("split,path,pid\ntrain,missing.jpg,1\nquery,q.jpg,1\ngallery,g.jpg,1\n", "image .*missing.jpg does not exist"),
+    ("split,path,pid\ntrain,a.jpg,1\ntrain,b.jpg,2\ntrain,a.jpg,2\nquery,q.jpg,1\ngallery,g.jpg,1\n",
+     r"train image .*a.jpg is listed twice \(ids 1 and 2\); list each image once"),  # was: taken with both ids
+    ("split,path,pid\ntrain,a.jpg,1\ntrain,./a.jpg,1\nquery,q.jpg,1\ngallery,g.jpg,1\n", r"a.jpg is listed twice \(id 1 both times\)"),
+    ("split,path,pid\ntrain,a.jpg,\ntrain,a.jpg,\nquery,q.jpg,1\ngallery,g.jpg,1\n", r"a.jpg is listed twice \(unlabelled\)"),
     ("split,path,pid\ntrain,a,b.jpg,1\n", r"data.csv:2: 4 fields for the header's 3 columns \(split,path,pid\); quote a path"),
 ])
 def test_csv_errors_name_file_and_line(tmp_path, text, message):

@@ -12,7 +12,8 @@ case, as uda.extract reads); other files are skipped, with a warning that counts
 
 CSV (`--target /data/mycams.csv`): a header naming `split,path` and optionally `pid` and `camid`
 columns, one image per row; split is train, query or gallery; a relative path is relative to the
-CSV's folder; an empty pid is an unlabelled train image.
+CSV's folder; an empty pid is an unlabelled train image. An image is listed once (a repeat is refused,
+even with the same id).
 
 Ids are any names (folder names or pid cells); they are mapped to integers in sorted order over all
 splits. Cameras are optional: in a folder layout an image name starting `c<N>_` (e.g. `c3_0001.jpg`)
@@ -165,6 +166,7 @@ def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
     duplicated = _first_duplicate([r[1] for r in rows if r[0] != "train"])
     if duplicated:
         raise DatasetError(f"{name}: {duplicated} is listed twice among query and gallery; a query must not be its own match")
+    _check_train_listed_once(name, [r for r in rows if r[0] == "train"])
     missing = next((r[1] for r in rows if not os.path.isfile(r[1])), None)
     if missing:
         raise DatasetError(f"{name}: image {missing} does not exist")
@@ -180,6 +182,20 @@ def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
     _check_query_matches(name, splits["query"], splits["gallery"], cameras=True in with_camera)
     train = relabel_train(splits["train"]) if True in labelled_train else splits["train"]
     return ReIDDataset(name, root, train, splits["query"], splits["gallery"])
+
+
+def _check_train_listed_once(name: str, train: list[Row]) -> None:
+    """A train image listed twice (a CSV can) is refused, not kept: with two ids it would teach both; with
+    one it would be sampled twice as often, which no one asked for."""
+    id_of: dict[str, str | None] = {}
+    for _, path, pid, _ in train:
+        if path in id_of:
+            if pid != id_of[path]:
+                ids = f"ids {id_of[path]} and {pid}"
+            else:
+                ids = f"id {pid} both times" if pid else "unlabelled"
+            raise DatasetError(f"{name}: train image {path} is listed twice ({ids}); list each image once, with its one id")
+        id_of[path] = pid
 
 
 def _check_query_matches(name: str, query: list[ImageRecord], gallery: list[ImageRecord], cameras: bool) -> None:
