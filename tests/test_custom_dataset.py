@@ -150,13 +150,15 @@ def synth_as_custom(synth_root: Path, out: Path, *, cameras: bool, train_ids: bo
     return out
 
 
-def test_custom_copy_of_a_dataset_scores_like_it_and_without_cameras_keeps_same_camera_matches(synth_root, source_model, tmp_path):
+def test_custom_copy_of_a_dataset_scores_like_it_and_without_cameras_keeps_same_camera_matches(synth_root, source_model, tmp_path, capsys):
     with_cams = synth_as_custom(synth_root, tmp_path / "with_cams", cameras=True, train_ids=True)
     no_cams = synth_as_custom(synth_root, tmp_path / "no_cams", cameras=False, train_ids=True)
     results = evaluate.main(["--model", str(source_model), "--data-root", str(synth_root),
                              "--dataset", "synth_duke", str(with_cams), str(no_cams), "--opts", "data.num_workers=0"])
     assert results["with_cams"] == pytest.approx(results["synth_duke"])  # same images, ids, cameras: same protocol
     assert results["no_cams"]["rank1"] > results["synth_duke"]["rank1"]  # same-camera matches are easy ones
+    notes = [line for line in capsys.readouterr().out.splitlines() if "no camera ids" in line]  # as the training logs say
+    assert notes == ["no_cams: no camera ids: evaluation keeps same-camera matches (not the Market-1501 protocol)"]
 
 
 def test_adapt_to_an_unlabelled_camera_less_target(synth_root, source_model, tmp_path, monkeypatch):
