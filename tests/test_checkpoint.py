@@ -60,6 +60,12 @@ def test_unreadable_or_foreign_files_fail_in_one_line(tmp_path):
     assert "\n" not in message
     with pytest.raises(UdaError, match="cannot read the model .*missing.pth"):
         checkpoint.read(tmp_path / "missing.pth")
+    text = tmp_path / "notes.pth"
+    for content, start in ((b"hello world\n", r"it starts b'hello world\n'"), (b"", "it is empty")):
+        text.write_bytes(content)  # a text file said only "(KeyError: 101)"
+        with pytest.raises(UdaError) as info:
+            checkpoint.read(text)
+        assert str(info.value) == f"cannot read the model {text}: not a torch checkpoint (neither a zip archive nor a pickle; {start})"
     listed = tmp_path / "list.pth"
     torch.save([1, 2], listed)
     with pytest.raises(UdaError, match="holds a list, not a checkpoint"):

@@ -2,10 +2,12 @@
 minutes of extraction whose result would then be lost."""
 import argparse
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
+from uda import adapt, evaluate, export, extract, pretrain, report, visualize
 from uda.cli import output_file, output_folder, positive_int
 from uda.grid import main as grid_main
 
@@ -61,3 +63,45 @@ def test_thread_spread_counts_are_refused_before_any_run(tmp_path, capsys, argv)
         thread_spread.main([*argv, "--runs-dir", str(tmp_path / "runs")])
     assert stop.value.code == 2 and "must be a whole number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A folder no one may write into (chmod 555). Root writes there all the same, so for root os.access is
+    made to answer as for anyone else: the check under test asks os.access."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # running as root
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.W_OK else access(path, mode, **kw))
+    yield folder
+    folder.chmod(0o755)
+
+
+def test_an_output_in_a_read_only_folder_is_refused(read_only, tmp_path):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot write .*read_only/x.json: .*read_only is not writable"):
+        output_file(".json")(str(read_only / "x.json"))
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot write into .*read_only/runs: .*read_only is not writable"):
+        output_folder(str(read_only / "runs"))  # made later, by the run: its nearest existing folder must be writable
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write into"):
+        output_folder(str(read_only))
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(argparse.ArgumentTypeError, match="notes.txt is a file, not a folder"):
+        output_folder(str(tmp_path / "notes.txt" / "runs"))
+
+
+@pytest.mark.parametrize("command, argv", [
+    (extract.main, ["--model", "none.pth", "--images", "none", "--out", "{ro}/feats.npy"]),
+    (export.main, ["--model", "none.pth", "--out", "{ro}/model.onnx"]),
+    (visualize.main, ["ranks", "--model", "none.pth", "--dataset", "none", "--out", "{ro}/ranks.png"]),
+    (evaluate.main, ["--model", "none.pth", "--dataset", "none", "--json", "{ro}/scores.json"]),
+    (report.main, ["--adapt", "none", "--target", "duke", "--json", "{ro}/results.json"]),
+    (pretrain.main, ["--source", "synth_market", "--config", "none.yaml", "--output-dir", "{ro}/run"]),
+    (adapt.main, ["--source", "synth_market", "--target", "synth_duke", "--config", "none.yaml", "--output-dir", "{ro}/run"]),
+], ids=["extract", "export", "visualize", "evaluate", "report", "pretrain", "adapt"])
+def test_every_command_refuses_an_unwritable_output_when_the_command_line_is_read(read_only, capsys, command, argv):
+    """Before: each did its work (an extraction, an ONNX graph, a run's setup) and then stopped with a traceback."""
+    with pytest.raises(SystemExit) as stop:  # before the missing model, config or dataset is looked at
+        command([arg.format(ro=read_only) for arg in argv])
+    assert stop.value.code == 2 and f"{read_only} is not writable" in capsys.readouterr().err

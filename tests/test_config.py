@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from uda.config import config_changes, dump_config, flatten, load_config, parse_opts
+from uda.config import config_changes, dump_config, flatten, load_config, parse_opts, parse_yaml
 from uda.errors import ConfigError
 
 DEFAULTS = {
@@ -59,6 +59,23 @@ def test_unknown_key_in_yaml_and_missing_file(tmp_path):
         load_config(DEFAULTS, latin1)
     with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
         load_config(DEFAULTS, tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim:\n  lr: 3.5e-3\n  name: sgd\nseed: 1\noptim:\n  milestones: [3]\n", "duplicate key 'optim' at line 1 and again at line 5"),
+    ("seed: 1\nmodel:\n  backbone: resnet18\n  backbone: resnet50\n", "duplicate key 'backbone' at line 3 and again at line 4"),
+    ("optim: {lr: 0.1, lr: 0.2}\n", "duplicate key 'lr' at line 1 and again at line 1"),
+])
+def test_a_repeated_key_is_refused_not_silently_replaced(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys: a second `optim:` section would run with the default lr."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"config file .*dup.yaml is not valid YAML: {message}"):
+        load_config(DEFAULTS, path)
+
+
+def test_merge_keys_may_still_override_what_they_bring():
+    assert parse_yaml("base: &b {lr: 0.1, name: adam}\noptim:\n  <<: *b\n  lr: 0.2\n")["optim"] == {"lr": 0.2, "name": "adam"}
 
 
 def test_dump_round_trip(tmp_path):

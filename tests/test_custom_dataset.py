@@ -1,6 +1,7 @@
 """Your own data (uda.datasets.custom): folder and CSV layouts, optional cameras and train ids, and the
 no-camera evaluation protocol, down to a run that adapts to an unlabelled camera-less target."""
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uda import adapt, evaluate, pretrain
+from uda import adapt, evaluate, extract, pretrain
 from uda.datasets import load_dataset
 from uda.errors import ConfigError, DatasetError
 from uda.evaluation.metrics import evaluate as score
@@ -71,6 +72,19 @@ def test_csv_without_camera_column(tmp_path):
     assert not dataset.has_cameras and dataset.train_labelled and names(dataset.train) == [(f"{tmp_path.name}/a.jpg", 0, -1, 0)]
 
 
+def test_the_image_suffixes_extract_reads_are_images_and_other_files_are_counted(tmp_path, caplog):
+    """.webp and .tif were skipped here without a word while uda.extract read them."""
+    root = write_folder(tmp_path / "mine")
+    touch(root / "train" / "bob", "c1_005.webp", "c2_006.TIF", "c1_007.tiff", "notes.txt", ".DS_Store")
+    touch(root / "gallery", "README.md")
+    with caplog.at_level(logging.WARNING, logger="uda.datasets.custom"):
+        dataset = load_dataset(str(root))
+    assert {"c1_005.webp", "c2_006.TIF", "c1_007.tiff"} <= {Path(r.path).name for r in dataset.train}
+    assert dataset.dropped == {"not_images": 2}  # hidden files (.DS_Store) are not counted
+    assert "mine: skipped 2 file(s) that are not images (.jpg .jpeg .png .bmp .webp .tif .tiff), e.g. " in caplog.text
+    assert {p.name for p in extract.list_images(root / "train")} == {Path(r.path).name for r in dataset.train}
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda root: shutil.rmtree(root / "gallery"), "split folder .*gallery is missing"),
     (lambda root: touch(root / "query", "c1_x.jpg"), "query images go into one subfolder per identity"),
@@ -93,6 +107,10 @@ def test_folder_layout_errors_name_the_problem(tmp_path, make, message):
     ("split,path,pid\ntrain,a.jpg,1\ntrain,b.jpg,\nquery,q.jpg,1\ngallery,g.jpg,1\n", "some train images have ids and some do not"),
     ("split,path,pid\ntrain,a.jpg,1\nquery,q.jpg,1\ngallery,q.jpg,1\n", "q.jpg is listed twice among query and gallery"),
     ("split,path,pid\ntrain,missing.jpg,1\nquery,q.jpg,1\ngallery,g.jpg,1\n", "image .*missing.jpg does not exist"),
+    ("split,path,pid\ntrain,a.jpg,1\ntrain,b.jpg,2\ntrain,a.jpg,2\nquery,q.jpg,1\ngallery,g.jpg,1\n",
+     r"train image .*a.jpg is listed twice \(ids 1 and 2\); list each image once"),  # was: taken with both ids
+    ("split,path,pid\ntrain,a.jpg,1\ntrain,./a.jpg,1\nquery,q.jpg,1\ngallery,g.jpg,1\n", r"a.jpg is listed twice \(id 1 both times\)"),
+    ("split,path,pid\ntrain,a.jpg,\ntrain,a.jpg,\nquery,q.jpg,1\ngallery,g.jpg,1\n", r"a.jpg is listed twice \(unlabelled\)"),
     ("split,path,pid\ntrain,a,b.jpg,1\n", r"data.csv:2: 4 fields for the header's 3 columns \(split,path,pid\); quote a path"),
 ])
 def test_csv_errors_name_file_and_line(tmp_path, text, message):
@@ -147,13 +165,15 @@ def synth_as_custom(synth_root: Path, out: Path, *, cameras: bool, train_ids: bo
     return out
 
 
-def test_custom_copy_of_a_dataset_scores_like_it_and_without_cameras_keeps_same_camera_matches(synth_root, source_model, tmp_path):
+def test_custom_copy_of_a_dataset_scores_like_it_and_without_cameras_keeps_same_camera_matches(synth_root, source_model, tmp_path, capsys):
     with_cams = synth_as_custom(synth_root, tmp_path / "with_cams", cameras=True, train_ids=True)
     no_cams = synth_as_custom(synth_root, tmp_path / "no_cams", cameras=False, train_ids=True)
     results = evaluate.main(["--model", str(source_model), "--data-root", str(synth_root),
                              "--dataset", "synth_duke", str(with_cams), str(no_cams), "--opts", "data.num_workers=0"])
     assert results["with_cams"] == pytest.approx(results["synth_duke"])  # same images, ids, cameras: same protocol
     assert results["no_cams"]["rank1"] > results["synth_duke"]["rank1"]  # same-camera matches are easy ones
+    notes = [line for line in capsys.readouterr().out.splitlines() if "no camera ids" in line]  # as the training logs say
+    assert notes == ["no_cams: no camera ids: evaluation keeps same-camera matches (not the Market-1501 protocol)"]
 
 
 def test_adapt_to_an_unlabelled_camera_less_target(synth_root, source_model, tmp_path, monkeypatch):

@@ -5,12 +5,12 @@ import logging
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile
 
 import uda.data.loaders as loaders
 import uda.data.transforms as transforms
 from uda.data.dataset import ReIDImageDataset
-from uda.data.images import prepare_images, read_image
+from uda.data.images import prepare_images, read_image, to_rgb
 from uda.datasets.base import ImageRecord
 from uda.errors import CorruptImageError, DatasetError
 
@@ -60,6 +60,35 @@ def test_read_image_returns_the_exact_rgb_pixels(tmp_path):
     assert np.array_equal(np.asarray(img), pixels)
     grey = read_image(write_image(tmp_path / "g.png", pixels[..., 0], "PNG"))
     assert grey.mode == "RGB" and np.array_equal(np.asarray(grey), np.repeat(pixels[..., :1], 3, axis=2))
+
+
+def test_a_16_bit_greyscale_png_keeps_its_gradient(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit values to 255: the gradient came out nearly all white."""
+    levels = np.arange(256).reshape(16, 16)
+    path = tmp_path / "g16.png"
+    Image.fromarray((levels * 257).astype(np.uint16)).save(path)  # 0 .. 65535, top 8 bits = levels
+    assert Image.open(path).mode == "I;16"
+    img = np.asarray(read_image(str(path)))
+    assert img.dtype == np.uint8 and np.array_equal(img, np.repeat(levels[..., None], 3, axis=2).astype(np.uint8))
+
+
+@pytest.mark.parametrize("scale, bits", [(257, 16), (1, 8), (2**23 + 1, 31)])
+def test_a_32_bit_integer_image_is_read_at_the_bit_depth_its_values_use(scale, bits):
+    levels = np.arange(256).reshape(16, 16)
+    img = np.asarray(to_rgb(Image.fromarray((levels * scale).astype(np.int32))))
+    assert np.array_equal(img[..., 0], levels), bits
+
+
+@pytest.mark.parametrize("orientation, upright", [(6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)])
+def test_an_exif_orientation_is_applied(tmp_path, orientation, upright):
+    """A camera held sideways writes the pixels as the sensor saw them and the turn in EXIF; viewers apply it."""
+    pixels = noise(4, 6, seed=3)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    path = tmp_path / "turned.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    img = read_image(str(path))
+    assert img.size == (4, 6) and np.array_equal(np.asarray(img), np.asarray(Image.fromarray(pixels).transpose(upright)))
 
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "truncated"])

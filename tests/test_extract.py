@@ -1,5 +1,7 @@
 """uda.extract: users' feature extraction equals the run's own evaluation features; the CLI's files."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -62,3 +64,37 @@ def test_folder_listing_and_bad_input(tmp_path, query_paths):
     listing.write_text(f"{query_paths[0]}\n{tmp_path / 'missing.jpg'}\n")
     with pytest.raises(UdaError, match="1 of the 2 images listed .* do not exist"):
         extract.list_images(listing)
+
+
+def test_a_file_name_that_is_not_utf8_is_written_whole_and_read_back(source_model, query_paths, tmp_path):
+    """Before: feats.npy written, feats.paths.txt empty, no .json, and a UnicodeEncodeError."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    cafe = images / os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes, as an old camera or a Windows share names files
+    shutil.copy(query_paths[0], cafe)
+    shutil.copy(query_paths[1], images / "plain.jpg")
+    out = tmp_path / "feats"  # no suffix: .npy is added
+    features = extract.main(["--model", str(source_model), "--images", str(images), "--out", str(out), "--device", "cpu"])
+    assert np.array_equal(np.load(tmp_path / "feats.npy"), features) and (tmp_path / "feats.json").is_file()
+    paths = tmp_path / "feats.paths.txt"
+    assert paths.read_bytes() == os.fsencode(cafe) + b"\n" + os.fsencode(images / "plain.jpg") + b"\n"
+    assert extract.list_images(paths) == [cafe, images / "plain.jpg"]  # the list reads back as the names on disk
+
+
+def test_the_three_outputs_are_written_all_or_none(source_model, query_paths, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(query_paths[:2]) + "\n")
+    monkeypatch.setattr(extract.json, "dumps", fail)  # the last of the three files fails
+    out = tmp_path / "out" / "feats.npy"
+    with pytest.raises(OSError, match="No space left"):
+        extract.main(["--model", str(source_model), "--images", str(listing), "--out", str(out), "--device", "cpu"])
+    assert list(out.parent.iterdir()) == []  # neither the features, nor their paths, nor a temporary
+
+
+def test_an_out_suffix_other_than_npy_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:  # before: o6.txt wrote o6.npy
+        extract.main(["--model", "none.pth", "--images", "none", "--out", "o6.txt"])
+    assert stop.value.code == 2 and "o6.txt must end in .npy (or have no suffix)" in capsys.readouterr().err

@@ -138,6 +138,8 @@ def test_table_is_the_last_epochs_mean_and_sample_std(grid_file, tmp_path):
     write_run(runs_dir / "toy" / "T=1.0" / "seed0", 0.20, {2: 0.25})
     write_source(runs_dir / "toy" / "source" / "default" / "seed0", {5: 0.50, 10: 0.70})  # its last epoch: 0.70
     write_source(runs_dir / "toy" / "source" / "default" / "seed1", {10: 0.60})
+    write_run(runs_dir / "toy" / "no_erasing" / "seed0", 0.20, {1: 0.90})
+    (runs_dir / "toy" / "no_erasing" / "seed0" / FINAL_MODEL).unlink()  # cut after epoch 1: left out of the table, not refused
     rows = gridlib.summarise(grid, [0, 1], runs_dir)
     assert rows[0]["on_source"] == pytest.approx((0.65, 0.0707107), abs=1e-6)  # base and T=1.0 share the source models
     assert rows[1]["on_source"] == (0.70, 0.0)  # T=1.0 finished seed 0 only
@@ -209,6 +211,9 @@ def test_a_cumulative_grid_pairs_each_row_with_the_row_above(grid_file, tmp_path
     (GRID.replace("configs/uda/synth_market2synth_duke.yaml", "configs/uda/none.yaml"), "adapt_config .*configs/uda/none.yaml does not exist"),
     (GRID.replace("name: toy", "name: ../../etc"), "name '../../etc' must be letters, digits"),  # would write outside --runs-dir
     (GRID.replace("variants:", "variants: [\n"), "is not valid YAML"),
+    (GRID.replace("  no_erasing:", "  T=1.0: {opts: [model.temperature=0.2]}\n  no_erasing:"),
+     "grid file .*bad.yaml is not valid YAML: duplicate key 'T=1.0' at line 11 and again at line 12"),  # was: one variant dropped
+    (GRID + "opts: [data.synth_preset=small]\n", "duplicate key 'opts' at line 7 and again at line 13"),
     ("- a list\n", "must hold a mapping"),
     (GRID.replace("opts: [data.synth_preset=tiny]", "opts: data.synth_preset=tiny"), "opts must be a list of key=value strings"),
     (GRID.replace("{opts: [model.temperature=1.0], documents: \"31.7\"}", "just a string"), "variant 'T=1.0' must be a mapping"),

@@ -32,6 +32,10 @@ def read(path: str | Path, what: str = "model", *, advice: str = "") -> dict[str
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data: no code runs
     except Exception as exc:  # pickle, zip, torch and OS errors all mean "this file cannot be used"
+        head = _first_bytes(path)
+        if head is not None and not head.startswith(TORCH_MAGIC):  # a text file's pickle error says "KeyError: 101"
+            raise UdaError(f"cannot read the {what} {path}: not a torch checkpoint (neither a zip archive nor a pickle; "
+                           f"{f'it starts {head!r}' if head else 'it is empty'}){advice}") from None
         lines = str(exc).strip().splitlines() or [""]
         detail = lines[0][:160] + (" ..." if len(lines) > 1 or len(lines[0]) > 160 else "")
         raise UdaError(f"cannot read the {what} {path} ({type(exc).__name__}: {detail}){advice}") from None
@@ -40,6 +44,18 @@ def read(path: str | Path, what: str = "model", *, advice: str = "") -> dict[str
     if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
         return {MODEL: checkpoint}  # a bare state dict
     return checkpoint
+
+
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's files start: a zip archive, or (legacy) a pickle of protocol 2+
+
+
+def _first_bytes(path: str | Path, count: int = 12) -> bytes | None:
+    """The file's first bytes (None when it cannot be opened: the load error says why)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(count)
+    except OSError:
+        return None
 
 
 def model_state(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--target", help="target dataset (same choices; your own may have unlabelled train images)")
     parser.add_argument("--config", help="YAML config of the experiment (see configs/)")
-    parser.add_argument("--output-dir", help="run folder (config, log, metrics.jsonl, TensorBoard, checkpoints)")
+    parser.add_argument("--output-dir", type=output_folder, help="run folder (config, log, metrics.jsonl, TensorBoard, checkpoints)")
     parser.add_argument("--data-root", help="folder holding the datasets (default: $UDA_DATA, else ./data)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from last.pth")
     parser.add_argument(
@@ -44,20 +45,39 @@ def positive_int(text: str) -> int:
     return value
 
 
+def unwritable(path: Path) -> str | None:
+    """Why files cannot be written at `path` (a folder, or a file in one; made later if missing), or None:
+    the nearest part of it that exists must be a writable folder (or, for `path` itself, a writable file)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        read_only = hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY
+        return f"{existing} is not writable" + (" (a read-only filesystem)" if read_only else "")
+    return None
+
+
 def output_file(*suffixes: str) -> Callable[[str], Path]:
     """argparse type: a file to write at the end of a command, checked when the command line is read
-    (not a folder, one of `suffixes` when given) and its folder made, so the work done is not lost."""
+    (not a folder, one of `suffixes` when given: "" allows none, writable) and its folder made, so the
+    work done is not lost to a traceback when the result is written."""
 
     def check(text: str) -> Path:
         path = Path(text).expanduser()
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{path} is a folder; name the file to write in it")
         if suffixes and path.suffix.lower() not in suffixes:
-            raise argparse.ArgumentTypeError(f"{path} must end in {' or '.join(suffixes)}")
+            named = " or ".join(suffix for suffix in suffixes if suffix)
+            raise argparse.ArgumentTypeError(f"{path} must end in {named}" + (" (or have no suffix)" if "" in suffixes else ""))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"cannot make the folder of {path}: {exc.strerror}") from None
+        problem = unwritable(path)
+        if problem:
+            raise argparse.ArgumentTypeError(f"cannot write {path}: {problem}")
         return path
 
     check.__name__ = "output file"  # argparse names the type in its messages
@@ -65,11 +85,14 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
 
 
 def output_folder(text: str) -> Path:
-    """argparse type: a folder to write runs into, refused at once when a file holds its name (else the
-    first stage would stop on it, minutes or hours in)."""
+    """argparse type: a folder to write runs into, refused at once when a file holds its name or it cannot
+    be written (a read-only folder or filesystem): else the first stage would stop on it, minutes or hours in."""
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    problem = unwritable(path)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write into {path}: {problem}")
     return path
 
 

@@ -30,6 +30,41 @@ class Config(dict):
         return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping. PyYAML keeps the last silently, so a
+    second `optim:` section would drop the first's lr, and a grid's second variant `T` the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: the keys it brings may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' at line {first_line[key]} and again at line {line}: keep one")
+            except TypeError:  # an unhashable key: SafeLoader's own error says so below
+                continue
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load that refuses duplicate keys (UniqueKeyLoader): how every YAML the project reads is parsed."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The data of the YAML file `path` (None when empty); ConfigError in one line naming `what` and the
+    file when it is not UTF-8, not YAML or repeats a key."""
+    try:
+        return parse_yaml(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 def _wrap(data: dict) -> Config:
     return Config({k: _wrap(v) if isinstance(v, dict) else v for k, v in data.items()})
 
@@ -78,7 +113,7 @@ def parse_opts(opts: Iterable[str]) -> dict:
             raise ConfigError(f"override '{opt}' must look like key=value, e.g. optim.lr=3.5e-4")
         key, raw = opt.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -97,10 +132,7 @@ def load_config(defaults: dict, path: str | Path | None = None, opts: Iterable[s
         if not path.is_file():
             what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {path} {what}; see configs/ for the shipped ones")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
         _merge(cfg, data)

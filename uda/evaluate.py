@@ -20,6 +20,7 @@ from uda import build
 from uda.evaluation import protocol
 from uda.data import splits
 from uda.cli import output_file, run_main
+from uda.datasets.base import NO_CAMERAS_NOTE
 from uda.report import publish
 
 
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     test_sets = [protocol.make_test_set(dataset, cfg, device) for dataset in datasets]
     results = protocol.evaluate_test_sets(model, test_sets, cfg, device)
     publish(results, f"{args.model} (test)", args.json)
+    for dataset in datasets:
+        if not dataset.has_cameras:  # its figures are not comparable with the protocol's: say so, as a run's log does
+            print(f"{dataset.name}: {NO_CAMERAS_NOTE}")
     return results
 
 

@@ -4,8 +4,10 @@
         [--batch-size 128] [--device auto|cpu|cuda] [--opts key=value ...]
 
 writes feats.npy ((N, D) float32, L2-normalised: compare with a dot product), feats.paths.txt (the
-image of each row, in order) and feats.json (the model file and the settings used). DIR_OR_LIST is a
-folder (its images, recursively, in sorted order) or a text file with one image path per line.
+image of each row, in order) and feats.json (the model file and the settings used), all three or none.
+DIR_OR_LIST is a folder (its images, recursively, in sorted order) or a text file with one image path per
+line, such as a feats.paths.txt. Paths are written as UTF-8; a file name that is not UTF-8 keeps its bytes
+(in Python, read the list with errors="surrogateescape" to get the names the filesystem gives).
 
 In Python, the same in one call:
 
@@ -36,12 +38,14 @@ from uda import build
 from uda.cli import output_file, positive_int, run_main
 from uda.config import Config
 from uda.data import test_transform
-from uda.data.images import read_image
+from uda.data.images import read_image, to_rgb
+from uda.datasets.base import IMAGE_SUFFIXES
 from uda.distributed import DistInfo, pick_device
 from uda.errors import UdaError
 from uda.evaluation.features import extract_features, fold_batchnorm
+from uda.runlog import atomic_write_all
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+PATHS_ERRORS = "surrogateescape"  # a file name that is not UTF-8 is written to (and read from) a paths list as its bytes
 
 
 class FeatureExtractor:
@@ -68,7 +72,7 @@ class FeatureExtractor:
     def _batches(self, images: Sequence[Image.Image | str | Path]) -> Iterator[tuple[torch.Tensor]]:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            pil = [image.convert("RGB") if isinstance(image, Image.Image) else read_image(str(image)) for image in chunk]
+            pil = [to_rgb(image) if isinstance(image, Image.Image) else read_image(str(image)) for image in chunk]
             yield (torch.stack([self.transform(image) for image in pil]),)
 
     def __call__(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
@@ -95,7 +99,8 @@ def list_images(source: str | Path) -> list[Path]:
             raise UdaError(f"{source} holds no image ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images or a list file")
         return images
     if source.is_file():
-        images = [Path(line.strip()) for line in source.read_text().splitlines() if line.strip()]
+        text = source.read_text(encoding="utf-8", errors=PATHS_ERRORS)
+        images = [Path(line.strip()) for line in text.splitlines() if line.strip()]
         missing = [p for p in images if not p.is_file()]
         if missing:
             raise UdaError(f"{len(missing)} of the {len(images)} images listed in {source} do not exist, e.g. {missing[0]}")
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="model_final.pth or last.pth of pretrain.py / adapt.py")
     parser.add_argument("--images", required=True, help="a folder of images, or a text file with one image path per line")
-    parser.add_argument("--out", required=True, type=output_file(), help="features file (.npy); .paths.txt and .json are written beside it")
+    parser.add_argument("--out", required=True, type=output_file(".npy", ""), help="features file (.npy); .paths.txt and .json are written beside it")
     parser.add_argument("--batch-size", type=positive_int, help="images per forward (default: the run's eval.batch_size)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. eval.flip=false")
@@ -118,12 +123,13 @@ def main(argv: list[str] | None = None) -> np.ndarray:
     images = list_images(args.images)
     extractor = load_model(args.model, args.device, args.batch_size, args.opts)
     features = extractor(images).numpy()
-    out = args.out if args.out.suffix == ".npy" else args.out.with_suffix(".npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, features)
-    out.with_suffix(".paths.txt").write_text("".join(f"{p}\n" for p in images))
+    out = args.out.with_suffix(".npy")
     record = {"model": str(args.model), "images": len(images), "shape": list(features.shape), **extractor.settings}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_all({
+        out: lambda handle: np.save(handle, features),
+        out.with_suffix(".paths.txt"): lambda handle: handle.write("".join(f"{p}\n" for p in images).encode("utf-8", PATHS_ERRORS)),
+        out.with_suffix(".json"): lambda handle: handle.write((json.dumps(record, indent=2) + "\n").encode()),
+    })
     print(f"{features.shape[0]} features of dimension {features.shape[1]} -> {out}")
     return features
 

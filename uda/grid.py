@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import yaml
 
 from uda import settings
 from uda.cli import config_overrides, output_folder, positive_int, stage_parser
+from uda.config import read_yaml
 from uda.errors import ConfigError, UdaError
 from uda.report import collect, evaluation
 from uda.runlog import FINAL_MODEL, LAST_CHECKPOINT, check_resumable, read_metrics
@@ -91,10 +91,7 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist; see configs/ablations/")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"grid file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(path, "grid file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"grid file {path} must hold a mapping (name, source, target, ...), not {type(data).__name__}")
     unknown = set(data) - GRID_KEYS

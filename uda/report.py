@@ -2,7 +2,10 @@
 on the target, epoch 0 of the adaptation run), adapted (the adaptation run's LAST epoch) and, when
 given, the target-supervised oracle (a pretrain run on the target's labels).
 
-    python -m uda.report --adapt runs/adapt/market2duke --target duke [--oracle DIR] [--json results.json]
+    python -m uda.report --adapt runs/adapt/market2duke --target duke [--oracle DIR] [--json results.json] [--allow-partial]
+
+A run that has not finished (its last evaluation before its config's optim.epochs, or no model_final.pth)
+is refused: its last evaluation is not the result. --allow-partial shows it, marked UNFINISHED.
 """
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import json
 from pathlib import Path
 
 from uda.cli import output_file, run_main
+from uda.config import read_yaml
 from uda.errors import UdaError
-from uda.runlog import read_metrics
+from uda.runlog import FINAL_MODEL, read_metrics
 
 COLUMNS = ("mAP", "rank1", "rank5", "rank10")
 
@@ -46,6 +50,31 @@ def collect(adapt_dir: Path, target: str, oracle_dir: Path | None = None) -> dic
     return results
 
 
+def unfinished(run_dir: Path, epoch: int) -> str | None:
+    """Why a run whose last evaluation is `epoch` has not finished ("epoch 1 of 3"), or None: its config.yaml's
+    optim.epochs not reached, or no model_final.pth (the run was cut, or is still going, after that epoch)."""
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    epochs = ((read_yaml(config, "run config") or {}).get("optim") or {}).get("epochs", "?") if config.is_file() else "?"
+    missing = [name for name in ("config.yaml", FINAL_MODEL) if not (run_dir / name).is_file()]
+    if epoch == epochs and not missing:
+        return None
+    return f"epoch {epoch} of {epochs}" + (f" (no {' or '.join(missing)})" if missing else "")
+
+
+def check_finished(results: dict, runs: dict[str, Path | None], allow_partial: bool) -> None:
+    """Refuse a row of an unfinished run (`runs`: row name -> its run folder; the direct row, epoch 0, is
+    always there); with allow_partial, mark it ("unfinished": the reason) for the table and the JSON."""
+    for name, row in results.items():
+        run_dir = runs.get(name.removesuffix("_rerank"))
+        reason = unfinished(run_dir, row["epoch"]) if run_dir is not None else None
+        if reason and not allow_partial:
+            raise UdaError(f"{run_dir} has not finished ({reason}): its last evaluation is not a result; let it finish "
+                           "(run it again with --resume) or pass --allow-partial to see it marked")
+        if reason:
+            row["unfinished"] = reason
+
+
 def evaluated_sets(run_dir: Path) -> str:
     """The test sets a run folder's metrics.jsonl holds, for an error message."""
     names = sorted({name for record in read_metrics(Path(run_dir) / "metrics.jsonl") for name in record if name != "epoch"})
@@ -53,10 +82,16 @@ def evaluated_sets(run_dir: Path) -> str:
 
 
 def markdown_table(results: dict, title: str) -> str:
-    """One row per result ("<name>_rerank" shown as "<name> + re-ranking"), percentages."""
-    lines = [f"| {title} | mAP | rank-1 | rank-5 | rank-10 |", "|---|---|---|---|---|"]
+    """One row per result ("<name>_rerank" shown as "<name> + re-ranking"), percentages, and the epoch
+    evaluated when the rows have one (an unfinished run's marked UNFINISHED)."""
+    with_epoch = any("epoch" in row for row in results.values())
+    header = ["mAP", "rank-1", "rank-5", "rank-10"] + (["epoch"] if with_epoch else [])
+    lines = [f"| {title} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for name, row in results.items():
-        lines.append(f"| {name.replace('_rerank', ' + re-ranking')} | " + " | ".join(f"{100 * row[k]:.1f}" for k in COLUMNS) + " |")
+        cells = [f"{100 * row[k]:.1f}" for k in COLUMNS]
+        if with_epoch:
+            cells.append(f"**UNFINISHED: {row['unfinished']}**" if "unfinished" in row else str(row.get("epoch", "-")))
+        lines.append(f"| {name.replace('_rerank', ' + re-ranking')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -73,8 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target", required=True, help="target dataset name as evaluated (e.g. duke)")
     parser.add_argument("--oracle", type=Path, help="run folder of a pretrain run on the target's labels")
     parser.add_argument("--json", type=output_file(".json"), help="also write the results here")
+    parser.add_argument("--allow-partial", action="store_true", help="show an unfinished run's last evaluation, marked UNFINISHED")
     args = parser.parse_args(argv)
     results = collect(args.adapt, args.target, args.oracle)
+    check_finished(results, {"adapted": args.adapt, "oracle": args.oracle}, args.allow_partial)
     publish(results, f"{args.target} (target test)", args.json)
     return results
 

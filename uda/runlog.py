@@ -21,10 +21,9 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
-import yaml
 
 from uda import checkpoint
-from uda.config import Config, config_changes, dump_config
+from uda.config import Config, config_changes, dump_config, read_yaml
 from uda.errors import UdaError
 from uda.settings import RESUME_MAY_CHANGE
 
@@ -90,19 +89,31 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """`write(handle)` into a temporary file in the same folder, then rename: a killed run never leaves
     half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start). A full disk
     is a UdaError saying so (see disk_full_error)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600
+    atomic_write_all({Path(path): write})
+
+
+def atomic_write_all(writes: dict[Path, Callable[[BinaryIO], None]]) -> None:
+    """atomic_write for files that belong together (features, their image paths, their record): each
+    written to its temporary first, then all renamed, so a failure in any leaves none of them."""
+    temporaries: dict[Path, str] = {}
+    renamed: list[Path] = []
+    path = None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            fd, temporaries[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.chmod(temporaries[path], 0o666 & ~_UMASK)  # mkstemp makes it 0600
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+            renamed.append(path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        for written in [*temporaries.values(), *renamed]:
+            Path(written).unlink(missing_ok=True)
         full = _disk_full(exc)
-        if full is not None:
+        if full is not None and path is not None:
             raise disk_full_error(path, full) from None
         raise
 
@@ -155,7 +166,7 @@ def check_resumable(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
     saved = path / "config.yaml"
     if not saved.is_file():
         return {}
-    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+    changes = config_changes(read_yaml(saved, "run config") or {}, cfg.to_dict())
     refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
     if refused:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from uda.cli import output_file, positive_int, run_main
+from uda.data.images import read_image
 from uda.errors import UdaError
 
 TILE = (64, 128)  # width, height of each picture
@@ -56,8 +57,7 @@ def draw_rows(rows: list[tuple[str, list[Tile]]], gap_after: int | None = None) 
             left = c * cell_w + (gap if gap_after is not None and c >= gap_after else 0)
             y = top + title_h
             draw.rectangle([left, y, left + TILE[0] + 2 * FRAME - 1, y + TILE[1] + 2 * FRAME - 1], fill=tile.frame)
-            with Image.open(tile.path) as img:
-                canvas.paste(img.convert("RGB").resize(TILE), (left + FRAME, y + FRAME))
+            canvas.paste(read_image(tile.path).resize(TILE), (left + FRAME, y + FRAME))  # as the model saw it
             draw.text((left + FRAME, y + TILE[1] + 2 * FRAME), tile.caption, fill=(0, 0, 0))
     return canvas
 

@@ -3,7 +3,7 @@
 Every image goes through `read_image`, which decodes the whole file at once, so a truncated JPEG
 fails here with the file's name instead of later inside a transform or a DataLoader worker. PIL's
 `ImageFile.LOAD_TRUNCATED_IMAGES` stays False: turning it on would silently fill the missing part
-of a truncated file with grey.
+of a truncated file with grey. `to_rgb` makes every decoded image upright 8-bit RGB the same way.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from uda.datasets.base import ImageRecord
 from uda.errors import CorruptImageError
@@ -24,15 +24,34 @@ log = logging.getLogger(__name__)
 _SKIP_HINT = "re-extract the dataset or set data.skip_corrupt=true to skip such files"
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` upright and as 8-bit RGB.
+
+    Upright: an EXIF orientation other than 1 (a phone held sideways) is applied, as viewers do.
+    8-bit: greyscale of more bits keeps its top 8, where convert("RGB") would clip every value above
+    255 (a 16-bit image came out nearly all white). Mode I;16 (Pillow's 16-bit PNG and TIFF) is 16-bit.
+    Mode I (32-bit int) carries no bit depth, so it is taken as the smallest of 8, 16 and 31 bits that
+    holds its largest value (negatives clipped to 0): a 16-bit image whose values all stay below 256
+    reads as 8-bit, brighter than meant.
+    """
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img).astype(np.int64).clip(min=0)
+        bits = 16 if img.mode != "I" else next(b for b in (8, 16, 31) if values.max(initial=0) < 2**b)
+        img = Image.fromarray((values >> (bits - 8)).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def read_image(path: str) -> Image.Image:
-    """Decode the file at `path` completely into an RGB PIL image.
+    """Decode the file at `path` completely into an upright RGB PIL image (`to_rgb`).
 
     Raises CorruptImageError (one line, naming the file and the fix) for a missing, unreadable,
     corrupt or truncated file.
     """
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() decodes every byte, so truncation surfaces here
+            return to_rgb(img)  # decodes every byte, so truncation surfaces here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CorruptImageError(f"cannot read image {path} ({reason}); {_SKIP_HINT}") from None

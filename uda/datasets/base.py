@@ -7,6 +7,11 @@ from pathlib import Path
 
 from uda.errors import DatasetError
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what a folder of your own images may hold
+                                                                          # (a custom dataset, uda.extract); any case
+
+NO_CAMERAS_NOTE = "no camera ids: evaluation keeps same-camera matches (not the Market-1501 protocol)"  # beside such figures
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -61,7 +66,7 @@ class ReIDDataset:
             ids = "-" if unlabelled else len({r.pid for r in split})
             rows.append(f"  {split_name:<7} | {ids:>5} | {len(split):>6}" + ("  (unlabelled: a target only)" if unlabelled else ""))
         if not self.has_cameras:
-            rows.append("  no camera ids: evaluation keeps same-camera matches (not the Market-1501 protocol)")
+            rows.append(f"  {NO_CAMERAS_NOTE}")
         return "\n".join(rows)
 
 

@@ -7,9 +7,13 @@ Folder (`--target /data/mycams`):
     <root>/query/<id>/<image>
     <root>/gallery/<id>/<image>     an id no query has is a distractor
 
+An image is a file ending in one of base.IMAGE_SUFFIXES (.jpg .jpeg .png .bmp .webp .tif .tiff, any
+case, as uda.extract reads); other files are skipped, with a warning that counts them.
+
 CSV (`--target /data/mycams.csv`): a header naming `split,path` and optionally `pid` and `camid`
 columns, one image per row; split is train, query or gallery; a relative path is relative to the
-CSV's folder; an empty pid is an unlabelled train image.
+CSV's folder; an empty pid is an unlabelled train image. An image is listed once (a repeat is refused,
+even with the same id).
 
 Ids are any names (folder names or pid cells); they are mapped to integers in sorted order over all
 splits. Cameras are optional: in a folder layout an image name starting `c<N>_` (e.g. `c3_0001.jpg`)
@@ -21,15 +25,17 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
 from pathlib import Path
 
-from uda.datasets.base import NO_CROSS_CAMERA_MATCH, ImageRecord, ReIDDataset, relabel_train, unscorable_queries
+from uda.datasets.base import IMAGE_SUFFIXES, NO_CROSS_CAMERA_MATCH, ImageRecord, ReIDDataset, relabel_train, unscorable_queries
 from uda.errors import DatasetError
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "query", "gallery")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 CAMERA_PREFIX = re.compile(r"c(\d+)_")
 NO_CAMERA = -1  # ImageRecord.camid of an image without a camera id (pid -1: an unlabelled train image)
 
@@ -45,7 +51,7 @@ def parse_custom(location: str | Path) -> ReIDDataset:
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise DatasetError(f"dataset list {path} does not exist; give the path of a CSV with columns split,path[,pid,camid]")
-        rows = _csv_rows(path)
+        rows, skipped = _csv_rows(path), []
         name = path.stem
     else:
         if not path.is_dir():
@@ -53,20 +59,24 @@ def parse_custom(location: str | Path) -> ReIDDataset:
                 f"dataset folder {path} does not exist; a custom dataset folder holds train/, query/ and gallery/ "
                 f"(or name a CSV file ending in .csv)"
             )
-        rows = _folder_rows(path)
+        rows, skipped = _folder_rows(path)
         name = path.name
-    return _dataset(name, path, rows)
+    dataset = _dataset(name, path, rows)
+    if skipped:
+        log.warning("%s: skipped %d file(s) that are not images (%s), e.g. %s", name, len(skipped), " ".join(IMAGE_SUFFIXES), skipped[0])
+        dataset.dropped["not_images"] = len(skipped)
+    return dataset
 
 
 # A row: (split, image path, id name or None (unlabelled), camera name or None (no camera)).
 Row = tuple[str, str, "str | None", "str | None"]
 
 
-def _image_names(folder: Path) -> list[str]:
-    return sorted(
-        n for n in os.listdir(folder)
-        if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".") and (folder / n).is_file()
-    )
+def _file_names(folder: Path) -> tuple[list[str], list[str]]:
+    """(image names, names of other files) in `folder`, sorted; hidden files (.DS_Store) in neither."""
+    files = sorted(n for n in os.listdir(folder) if not n.startswith(".") and (folder / n).is_file())
+    images = [n for n in files if n.lower().endswith(IMAGE_SUFFIXES)]
+    return images, [n for n in files if not n.lower().endswith(IMAGE_SUFFIXES)]
 
 
 def _camera_of(file_name: str) -> str | None:
@@ -74,8 +84,10 @@ def _camera_of(file_name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _folder_rows(root: Path) -> list[Row]:
+def _folder_rows(root: Path) -> tuple[list[Row], list[Path]]:
+    """The rows of a folder layout, and the files in it that are not images (skipped)."""
     rows: list[Row] = []
+    skipped: list[Path] = []
     for split in SPLITS:
         folder = root / split
         if not folder.is_dir():
@@ -84,7 +96,8 @@ def _folder_rows(root: Path) -> list[Row]:
                 f"{', '.join(s + '/' for s in SPLITS)} (images of one identity in one subfolder each; train/ may hold "
                 f"images directly when unlabelled)"
             )
-        loose = _image_names(folder)
+        loose, others = _file_names(folder)
+        skipped += [folder / n for n in others]
         id_folders = sorted(d for d in os.listdir(folder) if (folder / d).is_dir() and not d.startswith("."))
         if loose and (split != "train" or id_folders):
             raise DatasetError(
@@ -94,8 +107,10 @@ def _folder_rows(root: Path) -> list[Row]:
             )
         rows += [(split, str(folder / n), None, _camera_of(n)) for n in loose]
         for pid in id_folders:
-            rows += [(split, str(folder / pid / n), pid, _camera_of(n)) for n in _image_names(folder / pid)]
-    return rows
+            images, others = _file_names(folder / pid)
+            rows += [(split, str(folder / pid / n), pid, _camera_of(n)) for n in images]
+            skipped += [folder / pid / n for n in others]
+    return rows, skipped
 
 
 def _csv_rows(path: Path) -> list[Row]:
@@ -148,6 +163,7 @@ def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
             f"{name}: some images have a camera id and some do not (e.g. {example}); give every image one "
             f"(file names starting c<N>_, or the camid column) or none"
         )
+    _check_train_listed_once(name, [r for r in rows if r[0] == "train"])
     missing = next((r[1] for r in rows if not os.path.isfile(r[1])), None)
     if missing:
         raise DatasetError(f"{name}: image {missing} does not exist")
@@ -168,6 +184,20 @@ def _dataset(name: str, root: Path, rows: list[Row]) -> ReIDDataset:
     _check_query_matches(name, splits["query"], splits["gallery"], cameras=True in with_camera)
     train = relabel_train(splits["train"]) if True in labelled_train else splits["train"]
     return ReIDDataset(name, root, train, splits["query"], splits["gallery"])
+
+
+def _check_train_listed_once(name: str, train: list[Row]) -> None:
+    """A train image listed twice (a CSV can) is refused, not kept: with two ids it would teach both; with
+    one it would be sampled twice as often, which no one asked for."""
+    id_of: dict[str, str | None] = {}
+    for _, path, pid, _ in train:
+        if path in id_of:
+            if pid != id_of[path]:
+                ids = f"ids {id_of[path]} and {pid}"
+            else:
+                ids = f"id {pid} both times" if pid else "unlabelled"
+            raise DatasetError(f"{name}: train image {path} is listed twice ({ids}); list each image once, with its one id")
+        id_of[path] = pid
 
 
 def _check_query_matches(name: str, query: list[ImageRecord], gallery: list[ImageRecord], cameras: bool) -> None:
