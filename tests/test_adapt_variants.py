@@ -29,7 +29,7 @@ def test_kmeans_recovers_planted_clusters_and_is_seeded():
 
 
 @pytest.mark.parametrize("opt, message", [
-    ("adapt.classifier=merge", "adapt.classifier must be one of separate, merged, got 'merge'; did you mean 'merged'"),
+    ("adapt.classifier=merge", "adapt.classifier must be one of separate, merged, memory, got 'merge'; did you mean 'merged'"),
     ("adapt.head_init=zeros", "adapt.head_init must be one of centers, normal"),
     ("cluster.method=agglomerative", "cluster.method must be one of dbscan, kmeans"),
     ("adapt.temperature_schedule=grow model.head=arcface", "model.head=arcface has none"),
@@ -46,18 +46,25 @@ def test_more_kmeans_clusters_than_target_images_is_refused_before_decoding(synt
                     "--opts", "data.synth_preset=tiny", "cluster.method=kmeans", "cluster.num_clusters=100000"])
 
 
-def test_every_variant_runs_and_resumes_exactly(synth_root, source_model, tmp_path):
-    """All switches at once on the tiny preset: merged head, N(0, 0.001) rows, growing T, rows
-    re-normalised each step, k-means; cut after epoch 1 and resumed, it ends as the straight run."""
-    variant = ["adapt.classifier=merged", "adapt.head_init=normal", "adapt.temperature_schedule=grow",
-               "adapt.renormalize_rows=true", "cluster.method=kmeans", "cluster.num_clusters=12"]
+VARIANTS = {  # all switches at once: two runs cover every policy and setting the grid turns
+    "merged": ["adapt.classifier=merged", "adapt.head_init=normal", "adapt.temperature_schedule=grow",
+               "adapt.renormalize_rows=true", "cluster.method=kmeans", "cluster.num_clusters=12"],
+    "memory": ["adapt.classifier=memory", "adapt.memory_update=hard", "adapt.memory_momentum=0.1", "adapt.temperature_schedule=grow",
+               "cluster.method=kmeans", "cluster.num_clusters=12"],
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_runs_and_resumes_exactly(name, synth_root, source_model, tmp_path):
+    """On the tiny preset, cut after epoch 1 and resumed, each variant ends as its straight run."""
+    variant = VARIANTS[name]
     run_adapt(synth_root, source_model, tmp_path / "straight", *variant, "optim.epochs=2")
     run_adapt(synth_root, source_model, tmp_path / "cut", *variant, "optim.epochs=1")
     (tmp_path / "cut" / "model_final.pth").unlink()
     run_adapt(synth_root, source_model, tmp_path / "cut", *variant, "optim.epochs=2", resume=True)
     straight, cut = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "cut")
     assert straight == cut and straight[-1]["clusters"]["num_clusters"] == 12 and straight[-1]["clusters"]["outlier_fraction"] == 0
-    a, b = (torch.load(tmp_path / name / "last.pth", weights_only=False) for name in ("straight", "cut"))
-    assert a["num_clusters"] == b["num_clusters"] > 12  # the merged head: source rows + 12 cluster rows
+    a, b = (torch.load(tmp_path / folder / "last.pth", weights_only=False) for folder in ("straight", "cut"))
+    assert a["num_clusters"] == b["num_clusters"] and (a["num_clusters"] > 12 if name == "merged" else a["num_clusters"] == 12)  # merged: + source rows
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
     assert "temperature 0.1693" in (tmp_path / "straight" / "log.txt").read_text()  # epoch 2 of the growing schedule

@@ -20,7 +20,7 @@ TARGET = (torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(2)),
 def policy_net(policy: str, num_source=5, num_clusters=3, *opts):
     torch.manual_seed(0)
     cfg = load_config(adapt.DEFAULTS, opts=["model.backbone=resnet18_w16", f"adapt.classifier={policy}", *opts])
-    heads = HEAD_POLICIES[policy](lambda rows: build.build_classifier(cfg, 128, rows), num_source)
+    heads = HEAD_POLICIES[policy](lambda rows: build.build_classifier(cfg, 128, rows), num_source, cfg.adapt)
     net = TrainNet(build_model("resnet18_w16", "none"), heads)
     optimizer = build.build_optimizer(param_groups(net, heads), cfg)
     heads.recluster(F.normalize(torch.randn(num_clusters, 128), dim=1), optimizer)
@@ -134,3 +134,83 @@ def test_renormalize_rows_sets_unit_norm_rows():
     heads.renormalize_rows()
     assert torch.allclose(heads["source"].weight.norm(dim=1), torch.ones(5)) and torch.allclose(heads["source"].weight, direction)
     assert torch.allclose(heads["target"].weight.norm(dim=1), torch.ones(3))
+
+
+def memory(rows, momentum=0.2, hard=False, temperature=0.05):
+    from uda.head_policies import ClusterMemory
+
+    head = ClusterMemory(rows.shape[1], momentum, temperature, hard)
+    head.reset_classifier(rows.shape[0], rows)
+    return head
+
+
+ROWS = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), dim=1)
+FEATURES = F.normalize(torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.6, 0.0, 0.8]]), dim=1)
+
+
+def test_memory_mean_update_is_the_momentum_formula_image_by_image():
+    head = memory(ROWS).train()
+    head(FEATURES, torch.tensor([0, 1, 0]))
+    m, by_hand = 0.2, ROWS.clone()
+    for f, y in zip(FEATURES, [0, 1, 0]):  # in batch order: the second image of cluster 0 moves the already-moved row
+        row = m * by_hand[y] + (1 - m) * f
+        by_hand[y] = row / row.norm()
+    # cluster 0 by hand: 0.2 (1,0,0) + 0.8 (0,0,1) -> (0.2, 0, 0.8)/0.8246; then with (0.6, 0, 0.8)
+    first = torch.tensor([0.2, 0.0, 0.8]) / (0.2 ** 2 + 0.8 ** 2) ** 0.5
+    second = 0.2 * first + 0.8 * torch.tensor([0.6, 0.0, 0.8])
+    assert torch.allclose(by_hand[0], second / second.norm())
+    assert torch.allclose(head.weight, by_hand, atol=1e-6)
+
+
+def test_memory_hard_update_uses_the_batch_image_least_similar_to_each_row():
+    head = memory(ROWS, momentum=0.1, hard=True).train()
+    head(FEATURES, torch.tensor([0, 1, 0]))
+    # cluster 0: cos with (1,0,0) is 0 for (0,0,1) and 0.6 for (0.6,0,0.8): the hard one is (0,0,1)
+    row0 = 0.1 * ROWS[0] + 0.9 * FEATURES[0]
+    row1 = 0.1 * ROWS[1] + 0.9 * FEATURES[1]
+    assert torch.allclose(head.weight, torch.stack([row0 / row0.norm(), row1 / row1.norm()]), atol=1e-6)
+
+
+def test_memory_logits_are_cosines_before_the_update_and_train_the_features_only():
+    head = memory(ROWS, temperature=0.05).train()
+    features = (3 * FEATURES).requires_grad_()  # not unit length: the memory normalises them
+    logits = head(features, torch.tensor([0, 1, 0]))
+    assert torch.allclose(logits, FEATURES @ ROWS.T / 0.05, atol=1e-5)
+    F.cross_entropy(logits, torch.tensor([0, 1, 0])).backward()  # the in-place update left backward intact
+    assert features.grad.abs().sum() > 0 and not head.weight.requires_grad
+    before = head.weight.clone()
+    head.eval()(FEATURES, torch.tensor([0, 1, 0]))
+    assert torch.equal(head.weight, before)  # evaluation never moves the memory
+
+
+def test_memory_policy_keeps_its_rows_out_of_the_optimizer_and_in_the_checkpoint():
+    net, cfg, optimizer = policy_net("memory")
+    assert [g["name"] for g in optimizer.param_groups] == ["body"]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
+    assert net.heads["target"].num_classes == 3 and "heads.target.weight" in net.state_dict()
+    out, scored = net(torch.cat([SOURCE[0], TARGET[0]]), {"source": SOURCE[1], "target": TARGET[1]})
+    assert scored["target"][0].shape == (4, 3) and torch.equal(scored["target"][1], TARGET[1])
+    source_rows = net.heads["source"].weight
+    grad = torch.autograd.grad(F.cross_entropy(*scored["target"]), [source_rows, net.model.backbone.conv1.weight], allow_unused=True)
+    assert (grad[0] is None or not grad[0].any()) and grad[1].abs().sum() > 0  # the memory trains the features, not the source rows
+    state = net.state_dict()
+    other, _, other_optimizer = policy_net("memory", 5, 1)
+    other.heads.resize(3, other_optimizer)
+    other.load_state_dict(state)
+    assert torch.equal(other.heads["target"].weight, net.heads["target"].weight)
+    net.heads.set_temperature(0.3)
+    assert net.heads["source"].temperature == 0.3 and net.heads["target"].temperature == 0.05
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["adapt.memory_momentum=0.1"], "adapt.memory_momentum applies to the cluster memory only"),
+    (["adapt.classifier=memory", "adapt.head_init=normal"], "adapt.head_init=normal does not apply to it"),
+    (["adapt.classifier=memory", "adapt.memory_update=median"], "adapt.memory_update must be one of mean, hard"),
+    (["adapt.classifier=memory", "adapt.memory_momentum=1"], r"adapt.memory_momentum must be in \[0, 1\)"),
+])
+def test_memory_settings_are_refused_where_they_would_do_nothing_or_are_out_of_range(opts, message):
+    from uda import settings
+    from uda.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        settings.load("adapt", None, opts)

@@ -91,7 +91,7 @@ class Adaptation:
         self.test_sets = [make_test_set(target, cfg, device)]
 
         num_source_classes = len({r.pid for r in source_train})
-        self.heads = HEAD_POLICIES[cfg.adapt.classifier](partial(build_classifier, cfg, model.feature_dim), num_source_classes)
+        self.heads = HEAD_POLICIES[cfg.adapt.classifier](partial(build_classifier, cfg, model.feature_dim), num_source_classes, cfg.adapt)
         net = TrainNet(model, self.heads).to(device)
         if not run.resuming:  # the source rows start from the source class centres under the source model
             source_ids = torch.tensor([r.pid for r in source_train])

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uda.config import Config
 from uda.models import ClassifierHead, ReIDModel
 
 TARGET_GROUP = "target_head"  # the optimizer's param group of the re-created rows, found by name
 HEAD_INITS = ("centers", "normal")
 TEMPERATURE_SCHEDULES = ("fixed", "grow", "shrink")
+MEMORY_UPDATES = ("mean", "hard")
 BuildHead = Callable[[int], ClassifierHead]  # rows -> a head of the configured kind (model.head, temperature...)
 
 
@@ -30,6 +32,7 @@ class BranchHeads(nn.ModuleDict):
     the base of the adaptation policies."""
 
     reclustered = ""  # the head re-created from the clusters each round (none here)
+    optimizer_trains_rows = True  # False: the re-created rows move by a rule of their own (ClusterMemory)
 
     def forward(self, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         scored, start = {}, 0
@@ -61,7 +64,7 @@ class SeparateHeads(BranchHeads):
 
     reclustered = "target"
 
-    def __init__(self, build_head: BuildHead, num_source_classes: int):
+    def __init__(self, build_head: BuildHead, num_source_classes: int, options: Config | None = None):
         super().__init__({"source": build_head(num_source_classes), "target": build_head(1)})
 
     def init_source(self, rows: torch.Tensor) -> None:
@@ -77,7 +80,7 @@ class MergedHead(BranchHeads):
 
     reclustered = "merged"
 
-    def __init__(self, build_head: BuildHead, num_source_classes: int):
+    def __init__(self, build_head: BuildHead, num_source_classes: int, options: Config | None = None):
         super().__init__({"merged": build_head(num_source_classes)})
         self.num_source_classes = num_source_classes
 
@@ -95,6 +98,79 @@ class MergedHead(BranchHeads):
         replace_head(self["merged"], optimizer, torch.cat([source_rows, rows]))
 
 
+class ClusterMemory(nn.Module):
+    """Target rows kept as a cluster memory (Cluster Contrast, Dai et al. 2021): each round's cluster
+    centres, then moved after every training forward toward the batch's features of their cluster,
+    never by the optimizer. "mean": for each image in batch order, row <- normalise(m row + (1 - m) f)
+    (their per-instance update); "hard": once per cluster in the batch, with the batch's image least
+    similar to the row. Logits cos(f, row) / T are taken before the update; gradients reach the features only.
+    Under torchrun DistributedDataParallel broadcasts buffers from the main process before each forward,
+    so every process holds the main process's memory, updated with its share of the batch."""
+
+    def __init__(self, in_features: int, momentum: float, temperature: float, hard: bool):
+        super().__init__()
+        self.in_features, self.momentum, self.temperature, self.hard = in_features, momentum, temperature, hard
+        self.register_buffer("weight", torch.zeros(1, in_features))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def reset_classifier(self, num_classes: int, weight: torch.Tensor) -> None:
+        """The memory's rows set to `weight` (num_classes, D): a round's L2-normalised cluster centres."""
+        if tuple(weight.shape) != (num_classes, self.in_features):
+            raise ValueError(f"memory rows must be ({num_classes}, {self.in_features}), got {tuple(weight.shape)}")
+        self.weight = weight.detach().to(self.weight).clone()
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        features = F.normalize(features, dim=1)
+        logits = features @ self.weight.clone().T / self.temperature  # backward keeps the clone: the rows change in place
+        if self.training and targets is not None:
+            self.weight.copy_(self.updated_rows(features.detach().float(), targets))
+        return logits
+
+    @torch.no_grad()
+    def updated_rows(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The rows after one batch (features (B, D) L2-normalised, targets (B,) cluster ids)."""
+        rows, m = self.weight.clone(), self.momentum
+        if self.hard:
+            updates = []
+            for label in targets.unique().tolist():
+                mine = features[targets == label]
+                updates.append((label, mine[(mine @ rows[label]).argmin()]))
+        else:
+            updates = zip(targets.tolist(), features)
+        for label, feature in updates:
+            rows[label] = F.normalize(m * rows[label] + (1 - m) * feature, dim=0)
+        return rows
+
+
+class ClusterMemoryHeads(BranchHeads):
+    """The source head as in SeparateHeads; the target rows a ClusterMemory (adapt.memory_momentum,
+    adapt.memory_temperature, adapt.memory_update), re-set to the centres each round."""
+
+    reclustered = "target"
+    optimizer_trains_rows = False
+
+    def __init__(self, build_head: BuildHead, num_source_classes: int, options: Config):
+        source = build_head(num_source_classes)
+        memory = ClusterMemory(source.in_features, options.memory_momentum, options.memory_temperature, options.memory_update == "hard")
+        super().__init__({"source": source, "target": memory})
+
+    def init_source(self, rows: torch.Tensor) -> None:
+        self["source"].reset_classifier(rows.shape[0], rows)
+
+    def recluster(self, rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self["target"].reset_classifier(rows.shape[0], rows)
+
+    def resize(self, num_rows: int, optimizer: torch.optim.Optimizer) -> None:
+        self["target"].reset_classifier(num_rows, self["target"].weight.new_zeros(num_rows, self["target"].in_features))
+
+    def set_temperature(self, temperature: float) -> None:
+        """The source head's temperature only: the memory keeps adapt.memory_temperature."""
+        self["source"].temperature = temperature
+
+
 class TrainNet(nn.Module):
     """The model and its classifier heads as one module, so DistributedDataParallel synchronises the
     heads' gradients too. `heads` (a policy) scores each branch's rows of the batch."""
@@ -110,13 +186,15 @@ class TrainNet(nn.Module):
         return out, self.heads(out["bn"], labels)
 
 
-HEAD_POLICIES: dict[str, type[BranchHeads]] = {"separate": SeparateHeads, "merged": MergedHead}
+HEAD_POLICIES: dict[str, type[BranchHeads]] = {"separate": SeparateHeads, "merged": MergedHead, "memory": ClusterMemoryHeads}
 
 
 def param_groups(net: nn.Module, heads: BranchHeads) -> list[dict]:
     """The optimizer's groups: everything else ("body"), and the re-created head's rows (TARGET_GROUP),
     which `replace_head` re-points each round. A name, not a position or a reference: load_state_dict
-    replaces the group dicts but keeps their keys."""
+    replaces the group dicts but keeps their keys. Rows the optimizer does not train have no group."""
+    if not heads.optimizer_trains_rows:
+        return [{"params": list(net.parameters()), "name": "body"}]
     rows = heads[heads.reclustered].weight
     return [{"params": [p for p in net.parameters() if p is not rows], "name": "body"}, {"params": [rows], "name": TARGET_GROUP}]
 

@@ -25,7 +25,7 @@ from uda.schedule import SCHEDULES
 from uda.errors import ConfigError
 from uda.evaluation.distance import METRICS
 from uda.evaluation.metrics import AP_DEFINITIONS
-from uda.head_policies import HEAD_POLICIES, HEAD_INITS, TEMPERATURE_SCHEDULES
+from uda.head_policies import HEAD_INITS, HEAD_POLICIES, MEMORY_UPDATES, TEMPERATURE_SCHEDULES
 from uda.models import BACKBONE_NAMES, HEADS, POOLINGS
 
 STAGES = ("pretrain", "adapt")
@@ -167,11 +167,17 @@ SETTINGS: tuple[Setting, ...] = (
       resume=FREE, stages=ADAPT),
     S("adapt.iters", 400, AT_LEAST_ONE, "training steps per clustering round", stages=ADAPT),
     S("adapt.classifier", "separate", choices(HEAD_POLICIES),
-      "head policy: separate source and target heads | merged: one head over both label sets", stages=ADAPT),
+      "head policy: separate source and target heads | merged: one head over both label sets | memory: separate, the "
+      "target rows a cluster memory moved by momentum (Cluster Contrast)", stages=ADAPT),
     S("adapt.head_init", "centers", choices(HEAD_INITS), "rows start from the class / cluster centres, or N(0, 0.001)",
       stages=ADAPT),
     S("adapt.temperature_schedule", "fixed", choices(TEMPERATURE_SCHEDULES),
       "cosine heads: fixed T | grow: T (1 + ln e) | shrink: T / (1 + ln e), epoch e = 1, 2, ...", stages=ADAPT),
+    S("adapt.memory_momentum", 0.2, Check(lambda v: 0 <= v < 1, "in [0, 1)"),
+      "memory: row <- normalise(m row + (1 - m) f) after each step (Cluster Contrast: 0.1-0.2)", stages=ADAPT),
+    S("adapt.memory_temperature", 0.05, POSITIVE, "memory: logits = cos / T (Cluster Contrast: 0.05)", stages=ADAPT),
+    S("adapt.memory_update", "mean", choices(MEMORY_UPDATES),
+      "memory: each of the batch's images moves its row | hard: only the one least similar to it", stages=ADAPT),
     S("adapt.renormalize_rows", False, FLAG, "the heads' rows set to unit norm before every step", stages=ADAPT),
     S("cluster.method", "dbscan", choices(CLUSTER_METHODS), "dbscan (Jaccard distances) | kmeans (MMT-style)", stages=ADAPT),
     S("cluster.num_clusters", 500, Check(lambda v: v >= 2, "a whole number >= 2"), "kmeans only: clusters per round", stages=ADAPT),
@@ -237,6 +243,11 @@ def _check_adaptation(cfg: Config) -> None:
     if cfg.adapt.temperature_schedule != "fixed" and cfg.model.head != "cosine":
         raise ConfigError(f"adapt.temperature_schedule={cfg.adapt.temperature_schedule} schedules the cosine head's "
                           f"temperature; model.head={cfg.model.head} has none (use model.head=cosine)")
+    memory_keys = [k for k in ("memory_momentum", "memory_temperature", "memory_update") if cfg.adapt[k] != BY_KEY[f"adapt.{k}"].default]
+    if memory_keys and cfg.adapt.classifier != "memory":
+        raise ConfigError(f"adapt.{memory_keys[0]} applies to the cluster memory only: add adapt.classifier=memory, or leave it out")
+    if cfg.adapt.classifier == "memory" and cfg.adapt.head_init != "centers":
+        raise ConfigError("adapt.classifier=memory starts its rows from the cluster centres; adapt.head_init=normal does not apply to it")
     if cfg.cluster.method == "kmeans" and cfg.cluster.num_clusters < cfg.data.num_pids:
         raise ConfigError(f"cluster.num_clusters={cfg.cluster.num_clusters} must be at least data.num_pids={cfg.data.num_pids} "
                           "(the identities of one P x K batch)")
