@@ -138,8 +138,8 @@ def test_stage_builds_device_or_loader_pipeline_from_the_config(records):
     device_features = torch.cat([b[0] for b in splits.make_plain_loader(kept, cfg, images)])
     loader_features = torch.cat([b[0] for b in splits.make_plain_loader(kept, loader_cfg, cache)])
     assert torch.equal(device_features, loader_features)
-    with pytest.raises(ConfigError, match="data.pipeline"):
-        splits.prepare_split(records, load_config(defaults, None, ["data.pipeline=gpu"]), CPU)
+    with pytest.raises(ConfigError, match="data.pipeline must be one of device, loader"):  # when the config is read
+        settings.check(load_config(defaults, None, ["data.pipeline=gpu"]))
 
 
 @pytest.mark.parametrize("pipeline", ["device", "loader"])
