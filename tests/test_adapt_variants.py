@@ -29,7 +29,7 @@ def test_kmeans_recovers_planted_clusters_and_is_seeded():
 
 
 @pytest.mark.parametrize("opt, message", [
-    ("adapt.classifier=merge", "adapt.classifier must be one of separate, merged, memory, got 'merge'; did you mean 'merged'"),
+    ("adapt.classifier=merge", "adapt.classifier must be one of separate, merged, memory, proxies, got 'merge'; did you mean 'merged'"),
     ("adapt.head_init=zeros", "adapt.head_init must be one of centers, normal"),
     ("cluster.method=agglomerative", "cluster.method must be one of dbscan, kmeans"),
     ("adapt.temperature_schedule=grow model.head=arcface", "model.head=arcface has none"),
@@ -51,6 +51,8 @@ VARIANTS = {  # all switches at once: two runs cover every policy and setting th
                "adapt.renormalize_rows=true", "cluster.method=kmeans", "cluster.num_clusters=12"],
     "memory": ["adapt.classifier=memory", "adapt.memory_update=hard", "adapt.memory_momentum=0.1", "adapt.temperature_schedule=grow",
                "cluster.method=kmeans", "cluster.num_clusters=12"],
+    "proxies": ["adapt.classifier=proxies", "adapt.proxy_negatives=5", "adapt.proxy_inter_weight=1.0", "adapt.temperature_schedule=grow",
+                "cluster.method=kmeans", "cluster.num_clusters=12"],
 }
 
 
@@ -65,6 +67,7 @@ def test_every_variant_runs_and_resumes_exactly(name, synth_root, source_model, 
     straight, cut = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "cut")
     assert straight == cut and straight[-1]["clusters"]["num_clusters"] == 12 and straight[-1]["clusters"]["outlier_fraction"] == 0
     a, b = (torch.load(tmp_path / folder / "last.pth", weights_only=False) for folder in ("straight", "cut"))
-    assert a["num_clusters"] == b["num_clusters"] and (a["num_clusters"] > 12 if name == "merged" else a["num_clusters"] == 12)  # merged: + source rows
+    rows = {"merged": a["num_clusters"] > 12, "memory": a["num_clusters"] == 12, "proxies": a["num_clusters"] >= 12}  # + source rows; + cameras
+    assert a["num_clusters"] == b["num_clusters"] and rows[name]
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
     assert "temperature 0.1693" in (tmp_path / "straight" / "log.txt").read_text()  # epoch 2 of the growing schedule

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from uda import adapt, build
 from uda.cluster import cluster_centers
 from uda.config import load_config
-from uda.head_policies import (HEAD_POLICIES, TARGET_GROUP, MergedHead, SeparateHeads, TrainNet, initial_rows, param_groups, replace_head,
+from uda.head_policies import (HEAD_POLICIES, TARGET_GROUP, MergedHead, Round, SeparateHeads, TrainNet, initial_rows, param_groups, replace_head,
                                temperature_at)
 from uda.models import build_model
 
@@ -23,7 +23,8 @@ def policy_net(policy: str, num_source=5, num_clusters=3, *opts):
     heads = HEAD_POLICIES[policy](lambda rows: build.build_classifier(cfg, 128, rows), num_source, cfg.adapt)
     net = TrainNet(build_model("resnet18_w16", "none"), heads)
     optimizer = build.build_optimizer(param_groups(net, heads), cfg)
-    heads.recluster(F.normalize(torch.randn(num_clusters, 128), dim=1), optimizer)
+    memory, labels = F.normalize(torch.randn(2 * num_clusters, 128), dim=1), torch.arange(2 * num_clusters) % num_clusters
+    heads.recluster(Round(cluster_centers(memory, labels), memory, labels, torch.arange(2 * num_clusters) // num_clusters), optimizer)
     return net.train(), cfg, optimizer
 
 
@@ -45,7 +46,7 @@ def test_separate_heads_are_cosine_heads_whose_gradients_reach_only_their_own_ro
 def test_merged_head_scores_both_domains_on_one_weight_with_offset_target_labels():
     net, cfg, _ = policy_net("merged", 5, 3, "loss.label_smoothing=0")
     assert isinstance(net.heads, MergedHead) and net.heads["merged"].num_classes == 8
-    batch = ((*SOURCE, None), (*TARGET, None))
+    batch = ((*SOURCE, torch.zeros(4, dtype=torch.long)), (*TARGET, torch.zeros(4, dtype=torch.long)))
     losses = adapt.joint_losses(net, batch, cfg, torch.device("cpu"))
     with torch.no_grad():
         bn = net.model(torch.cat([SOURCE[0], TARGET[0]]))["bn"]
@@ -64,7 +65,7 @@ def test_merged_recluster_keeps_the_trained_source_rows_and_replaces_the_cluster
     net, _, optimizer = policy_net("merged", 5, 3)
     source_rows = net.heads["merged"].weight.detach()[:5].clone()
     clusters = F.normalize(torch.randn(6, 128), dim=1)
-    net.heads.recluster(clusters, optimizer)
+    net.heads.recluster(Round(clusters, None, None, None), optimizer)
     assert torch.equal(net.heads["merged"].weight[:5], source_rows) and torch.equal(net.heads["merged"].weight[5:], clusters)
 
 
@@ -81,7 +82,7 @@ def test_recluster_moves_the_optimizer_to_the_new_rows_and_trains_them(policy, h
     assert old in optimizer.state
     features = F.normalize(torch.randn(10, 128), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, -1])
-    net.heads.recluster(cluster_centers(features, labels), optimizer)
+    net.heads.recluster(Round(cluster_centers(features, labels), features, labels, torch.zeros(10, dtype=torch.long)), optimizer)
     new = net.heads[head].weight
     expected = torch.stack([F.normalize(features[labels == c].mean(0), dim=0) for c in range(4)])
     assert torch.allclose(new.data[-4:], expected, atol=1e-6)
@@ -203,7 +204,9 @@ def test_memory_policy_keeps_its_rows_out_of_the_optimizer_and_in_the_checkpoint
 
 
 @pytest.mark.parametrize("opts, message", [
-    (["adapt.memory_momentum=0.1"], "adapt.memory_momentum applies to the cluster memory only"),
+    (["adapt.memory_momentum=0.1"], "adapt.memory_momentum applies to adapt.classifier=memory only"),
+    (["adapt.proxy_negatives=10"], "adapt.proxy_negatives applies to adapt.classifier=proxies only"),
+    (["adapt.classifier=proxies", "adapt.head_init=normal"], "adapt.head_init=normal does not apply to it"),
     (["adapt.classifier=memory", "adapt.head_init=normal"], "adapt.head_init=normal does not apply to it"),
     (["adapt.classifier=memory", "adapt.memory_update=median"], "adapt.memory_update must be one of mean, hard"),
     (["adapt.classifier=memory", "adapt.memory_momentum=1"], r"adapt.memory_momentum must be in \[0, 1\)"),
@@ -214,3 +217,58 @@ def test_memory_settings_are_refused_where_they_would_do_nothing_or_are_out_of_r
 
     with pytest.raises(ConfigError, match=message):
         settings.load("adapt", None, opts)
+
+
+def proxies(temperature=0.5, inter_weight=0.5, negatives=1, momentum=0.2):
+    from uda.head_policies import CameraProxies
+
+    head = CameraProxies(3, momentum, temperature, inter_weight, negatives)
+    memory = F.normalize(torch.tensor([[1.0, 0, 0], [0.8, 0.6, 0], [0.6, 0.8, 0], [0, 0, 1.0], [0, 0.6, 0.8], [0, 1.0, 0]]), dim=1)
+    head.reset(memory, torch.tensor([0, 0, 0, 1, 1, -1]), torch.tensor([0, 1, 1, 0, 1, 0]))
+    return head, memory
+
+
+def test_camera_proxies_are_the_mean_of_each_cluster_and_camera():
+    head, memory = proxies()
+    expected = F.normalize(torch.stack([memory[0], (memory[1] + memory[2]) / 2, memory[3], memory[4]]), dim=1)
+    assert torch.allclose(head.weight, expected, atol=1e-6)
+    assert head.proxy_cluster.tolist() == [0, 0, 1, 1] and head.proxy_camera.tolist() == [0, 1, 0, 1]  # the outlier has none
+
+
+def test_camera_proxy_loss_is_the_intra_plus_weighted_inter_camera_term_by_hand():
+    head, _ = proxies(temperature=0.5, inter_weight=0.5, negatives=1)
+    proxy = head.weight.clone()
+    batch = F.normalize(torch.tensor([[0.7, 0.7, 0.1], [0.1, 0.2, 0.9]]), dim=1)
+    labels, cameras = torch.tensor([0, 1]), torch.tensor([1, 0])
+    loss = head.train()(batch, labels, cameras)
+    s = (batch @ proxy.T / 0.5).tolist()
+    cluster, camera = [0, 0, 1, 1], [0, 1, 0, 1]
+    intra, inter = [], []
+    for i, (y, k) in enumerate(zip(labels.tolist(), cameras.tolist())):
+        same = [j for j in range(4) if camera[j] == k]
+        own = next(j for j in same if cluster[j] == y)
+        intra.append(-(s[i][own] - math.log(sum(math.exp(s[i][j]) for j in same))))
+        positives = [j for j in range(4) if cluster[j] == y]
+        negative = max((j for j in range(4) if cluster[j] != y), key=lambda j: s[i][j])  # negatives=1: the most similar
+        denominator = math.log(sum(math.exp(s[i][j]) for j in positives + [negative]))
+        inter.append(-sum(s[i][p] - denominator for p in positives) / len(positives))
+    assert loss.item() == pytest.approx(sum(intra) / 2 + 0.5 * sum(inter) / 2, rel=1e-5)
+    # each image moved its own proxy: image 0 (cluster 0, camera 1) proxy 1, image 1 (cluster 1, camera 0) proxy 2
+    moved = proxy.clone()
+    for index, feature in ((1, batch[0]), (2, batch[1])):
+        moved[index] = F.normalize(0.2 * proxy[index] + 0.8 * feature, dim=0)
+    assert torch.allclose(head.weight, moved, atol=1e-6)
+
+
+def test_camera_proxy_policy_trains_the_features_not_the_proxies_nor_the_source_rows():
+    net, cfg, optimizer = policy_net("proxies")
+    memory = F.normalize(torch.randn(8, 128), dim=1)
+    net.heads.recluster(Round(None, memory, torch.tensor([0, 0, 1, 1, 2, 2, 0, -1]), torch.tensor([0, 1, 0, 1, 0, 1, 1, 0])), optimizer)
+    assert net.heads["target"].num_classes == 6 and [g["name"] for g in optimizer.param_groups] == ["body"]
+    out, scored = net(torch.cat([SOURCE[0], TARGET[0]]), {"source": SOURCE[1], "target": TARGET[1]},
+                      {"source": torch.zeros(4, dtype=torch.long), "target": torch.tensor([0, 1, 0, 1])})
+    assert scored["target"].logits is None and scored["target"].id_loss.ndim == 0
+    grad = torch.autograd.grad(scored["target"].id_loss, [net.heads["source"].weight, net.model.backbone.conv1.weight], allow_unused=True)
+    assert (grad[0] is None or not grad[0].any()) and grad[1].abs().sum() > 0
+    losses = adapt.joint_losses(net, ((*SOURCE, torch.zeros(4, dtype=torch.long)), (*TARGET, torch.tensor([0, 1, 0, 1]))), cfg, torch.device("cpu"))
+    assert set(losses) == {"source_ce", "source_triplet", "target_ce", "target_triplet"}

@@ -39,7 +39,7 @@ from uda.engine import fit, log_evaluation, seed_everything, train_steps
 from uda.errors import ConfigError, UdaError
 from uda.evaluation.features import extract_features
 from uda.evaluation.protocol import evaluate_test_sets, make_test_set
-from uda.head_policies import HEAD_POLICIES, TrainNet, initial_rows, param_groups, temperature_at
+from uda.head_policies import HEAD_POLICIES, Round, TrainNet, initial_rows, param_groups, temperature_at
 from uda.losses import reid_losses
 from uda.models import ReIDModel
 from uda.models.backbone import imagenet_weights_on_disk
@@ -112,8 +112,9 @@ class Adaptation:
     def train_epoch(self, epoch: int) -> dict:
         """One round: cluster the target memory, re-create the target rows, train `adapt.iters` joint steps."""
         cfg = self.cfg
-        clusters = self.pseudo_labels(epoch)
-        self.heads.recluster(initial_rows(clusters.centers.to(self.device), cfg.adapt.head_init, stream_seed(cfg.seed, 1001 + epoch)),
+        features, clusters = self.pseudo_labels(epoch)
+        rows = initial_rows(clusters.centers.to(self.device), cfg.adapt.head_init, stream_seed(cfg.seed, 1001 + epoch))
+        self.heads.recluster(Round(rows, features, torch.as_tensor(clusters.labels, device=features.device), self.camids.to(features.device)),
                              self.optimizer)
         temperature = temperature_at(cfg.model.temperature, cfg.adapt.temperature_schedule, epoch + 1)
         if cfg.adapt.temperature_schedule != "fixed":
@@ -132,7 +133,8 @@ class Adaptation:
         return {"train": {**losses, "lr": lr, **scheduled}, "clusters": clusters.stats}
 
     def pseudo_labels(self, epoch: int):
-        """This round's clusters of the target memory (saved in the run folder, logged with their agreement with the true ids)."""
+        """(the target memory, this round's clusters of it): the clusters saved in the run folder and logged with
+        their agreement with the true ids."""
         features = memory_features(self.net.model, self.memory_loader, self.cfg, self.device, f"target memory {epoch + 1}")
         clusters = pseudo_label_round(features, self.camids, device=self.device, true_ids=self.true_ids, dist=self.dist,
                                       seed=self.cfg.seed + epoch, **self.cfg.cluster)
@@ -148,7 +150,7 @@ class Adaptation:
                 f"epoch {epoch + 1}: {stats['num_clusters']} target clusters, fewer than the {self.cfg.data.num_pids} "
                 "identities of a P x K batch; train the source model longer, or adjust cluster.eps / data.num_pids"
             )
-        return clusters
+        return features, clusters
 
     def step_losses(self, batch) -> dict[str, torch.Tensor]:
         if self.cfg.adapt.renormalize_rows:
@@ -174,16 +176,17 @@ class Adaptation:
 def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
     """One step's losses: a source P x K batch and a pseudo-labelled target P x K batch through one forward,
     each branch's CE (on the logits its head policy gives it) + triplet, weighted by loss.{source,target}_weight."""
-    (source_images, source_pids, *_), (target_images, target_pids, *_) = batch
+    (source_images, source_pids, source_cams, *_), (target_images, target_pids, target_cams, *_) = batch
     images = torch.cat([source_images, target_images]).to(device, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    out, scored = train_net(images, {"source": source_pids.to(device), "target": target_pids.to(device)})
+    out, scored = train_net(images, {"source": source_pids.to(device), "target": target_pids.to(device)},
+                            {"source": source_cams.to(device), "target": target_cams.to(device)})
     losses, start = {}, 0
-    for branch, (logits, labels) in scored.items():
+    for branch, (logits, labels, id_loss) in scored.items():
         rows = slice(start, start + len(labels))
         start += len(labels)
-        weighted = reid_losses(out["global"][rows], logits, labels, cfg.loss, prefix=f"{branch}_")
+        weighted = reid_losses(out["global"][rows], logits, labels, cfg.loss, prefix=f"{branch}_", id_loss=id_loss)
         losses.update({name: cfg.loss[f"{branch}_weight"] * value for name, value in weighted.items()})
     return losses
 
@@ -206,6 +209,9 @@ def load_source_model(cfg: Config, path: Path) -> ReIDModel:
 def check_target(cfg: Config, target: ReIDDataset) -> None:
     """Settings the target dataset cannot serve, refused before any image is decoded."""
     check_camera_normalize(cfg.cluster.camera_normalize, target)
+    if cfg.adapt.classifier == "proxies" and not target.has_cameras:
+        raise ConfigError(f"adapt.classifier=proxies keeps a proxy per cluster and camera, and {target.name} ({target.root}) has no "
+                          "camera ids: use another adapt.classifier, or give its images cameras")
     if cfg.cluster.method == "kmeans" and cfg.cluster.num_clusters > len(target.train):
         raise ConfigError(f"cluster.num_clusters={cfg.cluster.num_clusters} is more than the {len(target.train)} train images of "
                           f"{target.name}: k-means needs an image per cluster (set cluster.num_clusters to about its identity count)")

@@ -11,7 +11,8 @@ optimizer's TARGET_GROUP at them. The source documents' findings are the default
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,25 @@ MEMORY_UPDATES = ("mean", "hard")
 BuildHead = Callable[[int], ClassifierHead]  # rows -> a head of the configured kind (model.head, temperature...)
 
 
+class Scored(NamedTuple):
+    """One branch's ID-loss inputs: its logits and labels, or (id_loss) a loss the policy computes itself."""
+
+    logits: torch.Tensor | None
+    labels: torch.Tensor
+    id_loss: torch.Tensor | None = None
+
+
+@dataclass
+class Round:
+    """One clustering round, what a policy re-creates its target rows from: the rows to start from
+    (cluster centres, or N(0, 0.001) under adapt.head_init=normal) and the target memory they came from."""
+
+    rows: torch.Tensor  # (C, D)
+    features: torch.Tensor  # (N, D) L2-normalised memory features
+    labels: torch.Tensor  # (N,) cluster ids, -1 outliers
+    camids: torch.Tensor  # (N,) camera ids
+
+
 class BranchHeads(nn.ModuleDict):
     """One head per branch, each scoring its own rows of the batch: the source stage's single head, and
     the base of the adaptation policies."""
@@ -34,11 +54,13 @@ class BranchHeads(nn.ModuleDict):
     reclustered = ""  # the head re-created from the clusters each round (none here)
     optimizer_trains_rows = True  # False: the re-created rows move by a rule of their own (ClusterMemory)
 
-    def forward(self, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, features: torch.Tensor, labels: dict[str, torch.Tensor], cameras: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, Scored]:
+        """{branch: Scored}; the rows of `features` are the branches in `labels`' order (`cameras`: their camera ids)."""
         scored, start = {}, 0
         for branch, branch_labels in labels.items():
             rows = features[start : start + len(branch_labels)]
-            scored[branch] = (self[branch](rows, branch_labels), branch_labels)
+            scored[branch] = Scored(self[branch](rows, branch_labels), branch_labels)
             start += len(branch_labels)
         return scored
 
@@ -70,8 +92,8 @@ class SeparateHeads(BranchHeads):
     def init_source(self, rows: torch.Tensor) -> None:
         self["source"].reset_classifier(rows.shape[0], rows)
 
-    def recluster(self, rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        replace_head(self["target"], optimizer, rows)
+    def recluster(self, round: Round, optimizer: torch.optim.Optimizer) -> None:
+        replace_head(self["target"], optimizer, round.rows)
 
 
 class MergedHead(BranchHeads):
@@ -84,18 +106,18 @@ class MergedHead(BranchHeads):
         super().__init__({"merged": build_head(num_source_classes)})
         self.num_source_classes = num_source_classes
 
-    def forward(self, features, labels):
+    def forward(self, features, labels, cameras=None):
         n = len(labels["source"])
         merged = torch.cat([labels["source"], labels["target"] + self.num_source_classes])
         logits = self["merged"](features, merged)
-        return {"source": (logits[:n], merged[:n]), "target": (logits[n:], merged[n:])}
+        return {"source": Scored(logits[:n], merged[:n]), "target": Scored(logits[n:], merged[n:])}
 
     def init_source(self, rows: torch.Tensor) -> None:
         self["merged"].reset_classifier(rows.shape[0], rows)
 
-    def recluster(self, rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def recluster(self, round: Round, optimizer: torch.optim.Optimizer) -> None:
         source_rows = self["merged"].weight.detach()[: self.num_source_classes]
-        replace_head(self["merged"], optimizer, torch.cat([source_rows, rows]))
+        replace_head(self["merged"], optimizer, torch.cat([source_rows, round.rows]))
 
 
 class ClusterMemory(nn.Module):
@@ -160,14 +182,108 @@ class ClusterMemoryHeads(BranchHeads):
     def init_source(self, rows: torch.Tensor) -> None:
         self["source"].reset_classifier(rows.shape[0], rows)
 
-    def recluster(self, rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        self["target"].reset_classifier(rows.shape[0], rows)
+    def recluster(self, round: Round, optimizer: torch.optim.Optimizer) -> None:
+        self["target"].reset_classifier(round.rows.shape[0], round.rows)
 
     def resize(self, num_rows: int, optimizer: torch.optim.Optimizer) -> None:
         self["target"].reset_classifier(num_rows, self["target"].weight.new_zeros(num_rows, self["target"].in_features))
 
     def set_temperature(self, temperature: float) -> None:
         """The source head's temperature only: the memory keeps adapt.memory_temperature."""
+        self["source"].temperature = temperature
+
+
+class CameraProxies(nn.Module):
+    """Target rows kept per cluster and camera (CAP, Wang et al. 2021): each round, one proxy per
+    (cluster, camera) the cluster has images from, their mean memory feature; after every training
+    forward each image moves its own proxy by momentum, as ClusterMemory's rows move. Its loss is the
+    intra-camera term (a softmax over the proxies of the image's camera, its own proxy the target) plus
+    `inter_weight` x the inter-camera term (every proxy of its cluster a positive, against the
+    `negatives` most similar proxies of other clusters), both on cos / T: camera-invariant clusters
+    without one camera's style dominating a cluster's centre."""
+
+    def __init__(self, in_features: int, momentum: float, temperature: float, inter_weight: float, negatives: int):
+        super().__init__()
+        self.in_features, self.momentum, self.temperature = in_features, momentum, temperature
+        self.inter_weight, self.negatives = inter_weight, negatives
+        self.register_buffer("weight", torch.zeros(1, in_features))  # (P, D) proxies
+        self.register_buffer("proxy_cluster", torch.zeros(1, dtype=torch.long))  # (P,)
+        self.register_buffer("proxy_camera", torch.zeros(1, dtype=torch.long))  # (P,)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def reset(self, features: torch.Tensor, labels: torch.Tensor, camids: torch.Tensor) -> None:
+        """Proxies from a round's memory: the L2-normalised mean of each (cluster, camera) group, ordered by cluster then camera."""
+        clustered = labels >= 0
+        keys = labels[clustered].long() * (int(camids.max()) + 1) + camids[clustered].long()
+        groups, group_of = torch.unique(keys, return_inverse=True)
+        sums = features.new_zeros(len(groups), features.shape[1]).index_add_(0, group_of, features[clustered].float())
+        self.resize(len(groups))
+        self.weight.copy_(F.normalize(sums, dim=1))
+        self.proxy_cluster.copy_(groups // (int(camids.max()) + 1))
+        self.proxy_camera.copy_(groups % (int(camids.max()) + 1))
+
+    def resize(self, num_proxies: int) -> None:
+        self.weight = self.weight.new_zeros(num_proxies, self.in_features)
+        self.proxy_cluster = self.proxy_cluster.new_zeros(num_proxies)
+        self.proxy_camera = self.proxy_camera.new_zeros(num_proxies)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+        """The CAP loss of a batch (features (B, D), cluster labels and camera ids (B,)); moves the proxies when training."""
+        features = F.normalize(features, dim=1)
+        logits = features @ self.weight.clone().T / self.temperature  # (B, P); backward keeps the clone
+        own = (self.proxy_cluster[None] == labels[:, None]) & (self.proxy_camera[None] == cameras[:, None])  # (B, P), one True a row
+        same_camera = self.proxy_camera[None] == cameras[:, None]
+        intra = -(logits.masked_fill(~same_camera, float("-inf")).log_softmax(1)[own]).mean()
+        positive = self.proxy_cluster[None] == labels[:, None]
+        hard = logits.detach().masked_fill(positive, float("-inf"))
+        hard_negative = torch.zeros_like(positive).scatter_(1, hard.topk(min(self.negatives, hard.shape[1]), dim=1).indices, True) & ~positive
+        log_prob = logits.masked_fill(~(positive | hard_negative), float("-inf")).log_softmax(1)
+        inter = -(log_prob.masked_fill(~positive, 0).sum(1) / positive.sum(1)).mean()
+        if self.training:
+            self.weight.copy_(self.updated_proxies(features.detach().float(), own.float().argmax(1)))
+        return intra + self.inter_weight * inter
+
+    @torch.no_grad()
+    def updated_proxies(self, features: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+        """The proxies after one batch: image by image, its proxy <- normalise(m proxy + (1 - m) f)."""
+        rows, m = self.weight.clone(), self.momentum
+        for index, feature in zip(proxies.tolist(), features):
+            rows[index] = F.normalize(m * rows[index] + (1 - m) * feature, dim=0)
+        return rows
+
+
+class CameraProxyHeads(BranchHeads):
+    """The source head as in SeparateHeads; the target branch trained on CameraProxies (adapt.proxy_*)
+    instead of a classifier over the clusters. Needs the target's camera ids."""
+
+    reclustered = "target"
+    optimizer_trains_rows = False
+
+    def __init__(self, build_head: BuildHead, num_source_classes: int, options: Config):
+        source = build_head(num_source_classes)
+        proxies = CameraProxies(source.in_features, options.proxy_momentum, options.proxy_temperature, options.proxy_inter_weight,
+                                options.proxy_negatives)
+        super().__init__({"source": source, "target": proxies})
+
+    def forward(self, features, labels, cameras=None):
+        n = len(labels["source"])
+        source = Scored(self["source"](features[:n], labels["source"]), labels["source"])
+        return {"source": source, "target": Scored(None, labels["target"], self["target"](features[n:], labels["target"], cameras["target"]))}
+
+    def init_source(self, rows: torch.Tensor) -> None:
+        self["source"].reset_classifier(rows.shape[0], rows)
+
+    def recluster(self, round: Round, optimizer: torch.optim.Optimizer) -> None:
+        self["target"].reset(round.features, round.labels, round.camids)
+
+    def resize(self, num_rows: int, optimizer: torch.optim.Optimizer) -> None:
+        self["target"].resize(num_rows)
+
+    def set_temperature(self, temperature: float) -> None:
+        """The source head's temperature only: the proxies keep adapt.proxy_temperature."""
         self["source"].temperature = temperature
 
 
@@ -180,13 +296,14 @@ class TrainNet(nn.Module):
         self.model = model
         self.heads = heads
 
-    def forward(self, images: torch.Tensor, labels: dict[str, torch.Tensor]):
-        """(the model's outputs, {branch: (logits, labels)}); the batch's rows are the branches in `labels`' order."""
+    def forward(self, images: torch.Tensor, labels: dict[str, torch.Tensor], cameras: dict[str, torch.Tensor] | None = None):
+        """(the model's outputs, {branch: Scored}); the batch's rows are the branches in `labels`' order."""
         out = self.model(images)
-        return out, self.heads(out["bn"], labels)
+        return out, self.heads(out["bn"], labels, cameras)
 
 
-HEAD_POLICIES: dict[str, type[BranchHeads]] = {"separate": SeparateHeads, "merged": MergedHead, "memory": ClusterMemoryHeads}
+HEAD_POLICIES: dict[str, type[BranchHeads]] = {"separate": SeparateHeads, "merged": MergedHead, "memory": ClusterMemoryHeads,
+                                               "proxies": CameraProxyHeads}
 
 
 def param_groups(net: nn.Module, heads: BranchHeads) -> list[dict]:

@@ -122,13 +122,15 @@ class CenterLoss(nn.Module):
         self.optimizer.step()
 
 
-def reid_losses(global_features: Tensor, logits: Tensor, labels: Tensor, loss: Config, prefix: str = "") -> dict[str, Tensor]:
-    """The strong baseline's two losses on one branch: ID (label-smoothed CE on the head's logits of f_i)
-    and batch-hard triplet on the pooled f_t; weighted by the config's `loss` section, named '<prefix>ce' and
-    '<prefix>triplet'."""
+def reid_losses(global_features: Tensor, logits: Tensor | None, labels: Tensor, loss: Config, prefix: str = "",
+                id_loss: Tensor | None = None) -> dict[str, Tensor]:
+    """The strong baseline's two losses on one branch: ID (label-smoothed CE on the head's logits of f_i,
+    or `id_loss` where a head policy computes its own) and batch-hard triplet on the pooled f_t; weighted
+    by the config's `loss` section, named '<prefix>ce' and '<prefix>triplet'."""
     losses = {}
     if loss.ce_weight > 0:
-        losses[f"{prefix}ce"] = loss.ce_weight * cross_entropy_label_smooth(logits.float(), labels, loss.label_smoothing)
+        own = id_loss if id_loss is not None else cross_entropy_label_smooth(logits.float(), labels, loss.label_smoothing)
+        losses[f"{prefix}ce"] = loss.ce_weight * own
     if loss.triplet_weight > 0:
         losses[f"{prefix}triplet"] = loss.triplet_weight * triplet_loss(global_features, labels, loss.triplet_margin, loss.soft_margin)
     if not losses:

@@ -168,7 +168,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("adapt.iters", 400, AT_LEAST_ONE, "training steps per clustering round", stages=ADAPT),
     S("adapt.classifier", "separate", choices(HEAD_POLICIES),
       "head policy: separate source and target heads | merged: one head over both label sets | memory: separate, the "
-      "target rows a cluster memory moved by momentum (Cluster Contrast)", stages=ADAPT),
+      "target rows a cluster memory moved by momentum (Cluster Contrast) | proxies: separate, the target trained on "
+      "per-camera cluster proxies (CAP)", stages=ADAPT),
     S("adapt.head_init", "centers", choices(HEAD_INITS), "rows start from the class / cluster centres, or N(0, 0.001)",
       stages=ADAPT),
     S("adapt.temperature_schedule", "fixed", choices(TEMPERATURE_SCHEDULES),
@@ -178,6 +179,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("adapt.memory_temperature", 0.05, POSITIVE, "memory: logits = cos / T (Cluster Contrast: 0.05)", stages=ADAPT),
     S("adapt.memory_update", "mean", choices(MEMORY_UPDATES),
       "memory: each of the batch's images moves its row | hard: only the one least similar to it", stages=ADAPT),
+    S("adapt.proxy_momentum", 0.2, Check(lambda v: 0 <= v < 1, "in [0, 1)"), "proxies: each image moves its proxy by momentum (CAP: 0.2)",
+      stages=ADAPT),
+    S("adapt.proxy_temperature", 0.07, POSITIVE, "proxies: logits = cos / T (CAP: 0.07)", stages=ADAPT),
+    S("adapt.proxy_inter_weight", 0.5, NON_NEGATIVE, "proxies: weight of the inter-camera term beside the intra-camera one (CAP: 0.5)",
+      stages=ADAPT),
+    S("adapt.proxy_negatives", 50, AT_LEAST_ONE, "proxies: hard negatives (other clusters' most similar proxies) of the inter-camera term",
+      stages=ADAPT),
     S("adapt.renormalize_rows", False, FLAG, "the heads' rows set to unit norm before every step", stages=ADAPT),
     S("cluster.method", "dbscan", choices(CLUSTER_METHODS), "dbscan (Jaccard distances) | kmeans (MMT-style)", stages=ADAPT),
     S("cluster.num_clusters", 500, Check(lambda v: v >= 2, "a whole number >= 2"), "kmeans only: clusters per round", stages=ADAPT),
@@ -243,11 +251,13 @@ def _check_adaptation(cfg: Config) -> None:
     if cfg.adapt.temperature_schedule != "fixed" and cfg.model.head != "cosine":
         raise ConfigError(f"adapt.temperature_schedule={cfg.adapt.temperature_schedule} schedules the cosine head's "
                           f"temperature; model.head={cfg.model.head} has none (use model.head=cosine)")
-    memory_keys = [k for k in ("memory_momentum", "memory_temperature", "memory_update") if cfg.adapt[k] != BY_KEY[f"adapt.{k}"].default]
-    if memory_keys and cfg.adapt.classifier != "memory":
-        raise ConfigError(f"adapt.{memory_keys[0]} applies to the cluster memory only: add adapt.classifier=memory, or leave it out")
-    if cfg.adapt.classifier == "memory" and cfg.adapt.head_init != "centers":
-        raise ConfigError("adapt.classifier=memory starts its rows from the cluster centres; adapt.head_init=normal does not apply to it")
+    for policy, prefix in (("memory", "memory_"), ("proxies", "proxy_")):
+        changed = [k for k in cfg.adapt if k.startswith(prefix) and cfg.adapt[k] != BY_KEY[f"adapt.{k}"].default]
+        if changed and cfg.adapt.classifier != policy:
+            raise ConfigError(f"adapt.{changed[0]} applies to adapt.classifier={policy} only: add it, or leave the setting out")
+    if cfg.adapt.classifier in ("memory", "proxies") and cfg.adapt.head_init != "centers":
+        raise ConfigError(f"adapt.classifier={cfg.adapt.classifier} starts its target rows from the clusters themselves; "
+                          "adapt.head_init=normal does not apply to it")
     if cfg.cluster.method == "kmeans" and cfg.cluster.num_clusters < cfg.data.num_pids:
         raise ConfigError(f"cluster.num_clusters={cfg.cluster.num_clusters} must be at least data.num_pids={cfg.data.num_pids} "
                           "(the identities of one P x K batch)")
