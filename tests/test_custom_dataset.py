@@ -184,6 +184,8 @@ def test_adapt_to_an_unlabelled_camera_less_target(synth_root, source_model, tmp
             "eval.batch_size=64", "data.num_pids=4", "cluster.k1=10", "cluster.min_samples=2", "cluster.eps=0.4", "adapt.iters=4", "optim.epochs=1"]
     with pytest.raises(ConfigError, match="cluster.camera_normalize=true needs camera ids, and shop .* has none"):
         adapt.main(argv + ["--opts", *tiny, "cluster.camera_normalize=true"])
+    with pytest.raises(ConfigError, match="adapt.classifier=proxies keeps a proxy per cluster and camera, and shop .* has no camera ids"):
+        adapt.main(argv + ["--opts", *tiny, "adapt.classifier=proxies"])
     adapt.main(argv + ["--opts", *tiny])
     run = tmp_path / "runs" / "adapt" / "synth_market2shop"  # named after the folder, not its path
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
