@@ -52,7 +52,7 @@ VARIANTS = {  # all switches at once: two runs cover every policy and setting th
     "memory": ["adapt.classifier=memory", "adapt.memory_update=hard", "adapt.memory_momentum=0.1", "adapt.temperature_schedule=grow",
                "cluster.method=kmeans", "cluster.num_clusters=12"],
     "proxies": ["adapt.classifier=proxies", "adapt.proxy_negatives=5", "adapt.proxy_inter_weight=1.0", "adapt.temperature_schedule=grow",
-                "cluster.method=kmeans", "cluster.num_clusters=12"],
+                "model.frozen_blocks=2", "cluster.method=kmeans", "cluster.num_clusters=12"],
 }
 
 

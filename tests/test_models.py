@@ -590,3 +590,35 @@ def test_the_shipped_deep_sort_file_maps_every_tensor_onto_torchvisions_mobilene
     # ImageNet-trained: BatchNorm statistics were learned (a fresh net has mean 0, var 1 everywhere)
     for bn in (backbone.features[0][1], backbone.features[9].conv[1][1], backbone.features[18][1]):
         assert (bn.running_var - 1).abs().mean() > 0.5
+
+
+@pytest.mark.parametrize("backbone, frozen", [("resnet18_w16", 2), ("mobilenet_v2", 5)])
+def test_frozen_blocks_get_no_gradient_and_keep_their_batchnorm_statistics(backbone, frozen):
+    from uda.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(backbone, "none", frozen_blocks=frozen).train()
+    blocks = model.backbone.blocks()
+    frozen_bns = [m for block in blocks[:frozen] for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    trained_bns = [m for block in blocks[frozen:] for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [bn.running_mean.clone() for bn in frozen_bns + trained_bns]
+    out = model(torch.randn(8, 3, 64, 32))
+    out["global"].square().mean().backward()
+    for block in blocks[:frozen]:
+        assert all(p.grad is None and not p.requires_grad for p in block.parameters())
+        assert not any(m.training for m in block.modules() if not list(m.children()))  # every layer (a container's own flag does nothing)
+    assert all(p.grad is not None for block in blocks[frozen:] for p in block.parameters())
+    after = [bn.running_mean for bn in frozen_bns + trained_bns]
+    assert all(torch.equal(a, b) for a, b in zip(before[: len(frozen_bns)], after))  # kept
+    assert not any(torch.equal(a, b) for a, b in zip(before[len(frozen_bns):], after[len(frozen_bns):]))  # the rest learn
+    model.eval().train()  # a later train() leaves the frozen blocks in eval mode
+    assert not any(m.training for block in blocks[:frozen] for m in block.modules() if not list(m.children())) and blocks[frozen].training
+
+
+def test_more_frozen_blocks_than_the_backbone_has_are_refused():
+    from uda.errors import ConfigError
+    from uda.models import build_model
+
+    assert len(build_model("mobilenet_v2", "none").backbone.blocks()) == 19
+    with pytest.raises(ConfigError, match="model.frozen_blocks=6, but this backbone has 5 blocks"):
+        build_model("resnet18_w16", "none", frozen_blocks=6)

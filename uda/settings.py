@@ -125,6 +125,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("model.bnneck", True, FLAG, "BatchNorm between the pooled feature (triplet) and the classifier (ID loss)", model=True),
     S("model.embedding_dim", 0, NON_NEGATIVE, "0: none (the strong baseline); N: a bias-free D -> N layer after pooling",
       model=True),
+    S("model.frozen_blocks", 0, NON_NEGATIVE, "the backbone's first N blocks (MobileNetV2: 19, stem to 1x1 conv; ResNet: 5, stem "
+      "and layer1-4) get no gradient and keep their BatchNorm statistics: a cheaper step"),
     S("model.head", "linear", choices(HEADS), "classifier head", adapt="cosine"),
     S("model.temperature", 0.1, POSITIVE, "cosine head: logits = cos / T"),
     S("model.scale", 30.0, POSITIVE, "arcface / cosface scale"),

@@ -54,6 +54,10 @@ class ResNetBackbone(nn.Module):
     def last_downsampling_block(self) -> nn.Module:
         return self.layer4[0]
 
+    def blocks(self) -> list[nn.Module]:
+        """The stages in forward order, what model.frozen_blocks counts: the stem (conv1 + bn1), layer1..layer4."""
+        return [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
+
 
 class MobileNetV2Backbone(nn.Module):
     """torchvision's MobileNetV2 `features` (stem, 17 inverted residual blocks, 1x1 conv to 1280), without
@@ -73,6 +77,10 @@ class MobileNetV2Backbone(nn.Module):
     def last_downsampling_block(self) -> nn.Module:
         """The last block built with a strided conv: features[14] (96 -> 160 channels, H/16 -> H/32)."""
         return self.features[self._last_downsampling]
+
+    def blocks(self) -> list[nn.Module]:
+        """The blocks in forward order, what model.frozen_blocks counts: the stem, 17 inverted residual blocks, the 1x1 conv."""
+        return list(self.features)
 
 
 def _strided_convs(module: nn.Module) -> list[nn.Conv2d]:
