@@ -25,6 +25,19 @@ def two_head_net():
     return stage.TrainNet(model, heads), cfg
 
 
+def test_the_feature_memory_follows_the_test_time_scales():
+    """The clusters group what evaluation matches: the memory is extracted at eval.scales, as the test sets."""
+    from uda.evaluation.features import extract_features
+
+    torch.manual_seed(0)
+    model = build_model("resnet18_w16", "none").eval()
+    loader = [(torch.randn(4, 3, 32, 16, generator=torch.Generator().manual_seed(6)),)]
+    cfg = load_config(adapt.DEFAULTS, opts=["eval.scales=[0.5,1.0]"])
+    memory = adapt.memory_features(model, loader, cfg, torch.device("cpu"), "memory")
+    assert torch.equal(memory, extract_features(model, loader, scales=[0.5, 1.0]))
+    assert not torch.allclose(memory, extract_features(model, loader), atol=1e-3)
+
+
 def test_source_and_target_heads_are_separate_cosine_heads_with_temperature():
     net, cfg = two_head_net()
     images = torch.randn(8, 3, 64, 32)

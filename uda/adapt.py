@@ -109,8 +109,10 @@ def matching_pretrain_config(cfg: Config, source_name: str) -> tuple[Path | None
 
 def memory_features(model: torch.nn.Module, loader, cfg: Config, device: torch.device, desc: str) -> torch.Tensor:
     """(N, D) L2-normalised features of a whole split with the current model, extracted as the test
-    sets are (eval.flip, bf16 under train.amp): the clusters group what evaluation would match."""
-    return extract_features(model, loader, flip=cfg.eval.flip, normalize=True, amp_dtype=stage.amp_dtype(cfg, device), desc=desc)
+    sets are (eval.flip, eval.scales, bf16 under train.amp): the clusters group what evaluation would
+    match. Multi-scale test-time augmentation therefore also costs len(eval.scales) forwards per memory image."""
+    return extract_features(model, loader, flip=cfg.eval.flip, normalize=True, amp_dtype=stage.amp_dtype(cfg, device), desc=desc,
+                            scales=cfg.eval.scales)
 
 
 TARGET_GROUP = "target_head"  # the optimizer's param group of the re-created head's rows, found by name

@@ -104,6 +104,7 @@ COMMON_DEFAULTS: dict = {
     "eval": {
         "batch_size": 256,
         "flip": True,  # average each image's feature with its mirror's
+        "scales": [1.0],  # test-time scales: features averaged over the images resized by each factor, e.g. [0.75, 1.0, 1.25]
         "metric": "cosine",  # cosine | euclidean (features are L2-normalised either way)
         "ap": "noninterp",  # noninterp (torchreid, fast-reid) | trapezoid (the official Market devkit)
         "rerank": False,  # also report k-reciprocal re-ranked metrics (Zhong et al. 2017)
@@ -176,6 +177,7 @@ RANGES: dict[str, tuple] = {
     "train.keep_checkpoints": _AT_LEAST_ONE,
     "eval.batch_size": _AT_LEAST_ONE, "eval.rerank_k1": _AT_LEAST_ONE, "eval.rerank_k2": _AT_LEAST_ONE,
     "eval.rerank_lambda": _PROBABILITY,
+    "eval.scales": (lambda v: len(v) > 0 and all(type(x) in (int, float) and 0 < x < math.inf for x in v), "a non-empty list of numbers > 0"),
     "adapt.iters": _AT_LEAST_ONE, "cluster.k1": _AT_LEAST_ONE, "cluster.k2": _AT_LEAST_ONE,
     "cluster.eps": (lambda v: 0 < v < 1, "in (0, 1): Jaccard distances lie in [0, 1]"), "cluster.min_samples": _AT_LEAST_ONE,
 }
@@ -358,7 +360,8 @@ def evaluate_test_sets(
 
 def test_set_features(model: nn.Module, test_set: TestSet, cfg: Config, amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(query features, gallery features), L2-normalised, as evaluation scores them (eval.flip, bf16 under train.amp)."""
-    features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}")
+    features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}",
+                                scales=cfg.eval.scales)
     return features[: len(test_set.query)], features[len(test_set.query):]
 
 
