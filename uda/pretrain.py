@@ -24,10 +24,12 @@ from uda.config import load_config
 from uda.distributed import convert_sync_bn, init_distributed, pick_device, wrap_model
 from uda.engine import fit, seed_everything, set_lr, train_steps
 from uda.losses import CenterLoss
+from uda.mixup import check_mixup, mixup_losses
 from uda.runlog import RunDir
 
 DEFAULTS = stage.defaults(
     loss={"center_weight": 0.0005, "center_lr": 0.5},
+    train={"mixup_alpha": 0.0},  # > 0: the ID loss on images mixed with lam ~ Beta(alpha, alpha) (uda.mixup); 0: off
 )
 
 
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         opts.insert(0, f"model.pretrained={args.pretrained}")
     cfg = load_config(DEFAULTS, args.config, opts)
     stage.check_settings(cfg)
+    check_mixup(cfg)
     stage.set_backends(cfg)
 
     dist = init_distributed()
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         images, pids = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if cfg.train.mixup_alpha > 0:  # the ID loss on a mixed copy of the batch, triplet and center on the clean images
+            return mixup_losses(train_net, images, pids, cfg, center)
         out, logits = train_net(images, {"source": (slice(None), pids)})
         losses = stage.reid_losses(out["global"], logits["source"], pids, cfg)
         if center is not None:

@@ -174,7 +174,7 @@ RANGES: dict[str, tuple] = {
     "optim.epochs": _AT_LEAST_ONE,
     "optim.milestones": (lambda v: all(isinstance(m, int) and m >= 1 for m in v), "a list of epochs >= 1"),
     "train.eval_every": (_AT_LEAST_ONE[0], "a whole number of epochs >= 1 (the last epoch is always evaluated)"),
-    "train.keep_checkpoints": _AT_LEAST_ONE,
+    "train.keep_checkpoints": _AT_LEAST_ONE, "train.mixup_alpha": _NON_NEGATIVE,
     "eval.batch_size": _AT_LEAST_ONE, "eval.rerank_k1": _AT_LEAST_ONE, "eval.rerank_k2": _AT_LEAST_ONE,
     "eval.rerank_lambda": _PROBABILITY,
     "eval.scales": (lambda v: len(v) > 0 and all(type(x) in (int, float) and 0 < x < math.inf for x in v), "a non-empty list of numbers > 0"),
