@@ -16,6 +16,19 @@ from uda.report import collect
 from uda.runlog import read_metrics
 
 
+def test_the_feature_memory_follows_the_test_time_scales():
+    """The clusters group what evaluation matches: the memory is extracted at eval.scales, as the test sets."""
+    from uda.evaluation.features import extract_features
+
+    torch.manual_seed(0)
+    model = build_model("resnet18_w16", "none").eval()
+    loader = [(torch.randn(4, 3, 32, 16, generator=torch.Generator().manual_seed(6)),)]
+    cfg = load_config(adapt.DEFAULTS, opts=["eval.scales=[0.5,1.0]"])
+    memory = adapt.memory_features(model, loader, cfg, torch.device("cpu"), "memory")
+    assert torch.equal(memory, extract_features(model, loader, scales=[0.5, 1.0]))
+    assert not torch.allclose(memory, extract_features(model, loader), atol=1e-3)
+
+
 def test_missing_source_model_says_which_command_makes_it(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UdaError, match="python uda/pretrain.py --source synth_market --target synth_duke"):

@@ -1,10 +1,11 @@
-"""uda.evaluation.distance: each metric against a brute-force answer; chunking changes nothing."""
+"""uda.evaluation.distance: each metric against a brute-force answer; chunking changes nothing; ensembles are weighted means."""
 import numpy as np
 import pytest
 import torch
 
 from uda.errors import UdaError
-from uda.evaluation.distance import pairwise_distance
+from uda.evaluation.distance import ensemble_distance, ensemble_weights, pairwise_distance
+from uda.evaluation.metrics import evaluate
 
 
 def features(seed: int, rows: int, dim: int = 16) -> torch.Tensor:
@@ -86,3 +87,53 @@ def test_bad_inputs_raise_uda_error(kwargs, message):
 
 def test_empty_query_set_gives_empty_matrix():
     assert pairwise_distance(np.zeros((0, 16), np.float32), Y).shape == (0, 7)
+
+
+def test_ensemble_of_a_model_with_itself_is_its_own_distances():
+    distmat = pairwise_distance(X, Y, metric="cosine", device="cpu")
+    assert torch.equal(ensemble_distance([distmat, distmat], [0.5, 0.5]), distmat)
+    torch.testing.assert_close(ensemble_distance([distmat, distmat], [2.0, 7.0]), distmat)  # any weights: the same, up to rounding
+    assert torch.equal(ensemble_distance([distmat], [3.0]), distmat)
+    assert torch.equal(ensemble_distance(iter([distmat, distmat]), [1.0, 1.0]), distmat)  # a generator of matrices
+
+
+def test_ensemble_is_the_weighted_mean_and_scores_as_it():
+    # 1 query, 2 gallery items of other cameras; item 0 is the match. Model A ranks it second (AP 1/2),
+    # model B first (AP 1). Weights 1:3 -> (0.25 * 0.6 + 0.75 * 0.1, 0.25 * 0.2 + 0.75 * 0.5) = (0.225, 0.425): AP 1.
+    # Weights 3:1 -> (0.475, 0.275): AP 1/2.
+    a, b = torch.tensor([[0.6, 0.2]]), torch.tensor([[0.1, 0.5]])
+    ids = {"q_pids": torch.tensor([1]), "g_pids": torch.tensor([1, 2]), "q_camids": torch.tensor([0]), "g_camids": torch.tensor([1, 1])}
+    for weights, mean, expected_map in (([1.0, 3.0], [[0.225, 0.425]], 1.0), ([3.0, 1.0], [[0.475, 0.275]], 0.5)):
+        ensemble = ensemble_distance([a, b], weights)
+        torch.testing.assert_close(ensemble, torch.tensor(mean))
+        assert evaluate(ensemble, **ids)["mAP"] == pytest.approx(expected_map)
+        assert evaluate(ensemble, **ids)["mAP"] == evaluate(torch.tensor(mean), **ids)["mAP"]
+    # larger planted matrices: the normalised weighted mean, element by element
+    d1, d2 = torch.rand(5, 8, generator=torch.Generator().manual_seed(2)), torch.rand(5, 8, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ensemble_distance([d1, d2], [0.2, 0.6]), 0.25 * d1 + 0.75 * d2)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([1.0], "1 weights for 2 models"),
+    ([1.0, 1.0, 1.0], "3 weights for 2 models"),
+    ([1.0, -0.5], "must be >= 0 and finite"),
+    ([1.0, float("nan")], "must be >= 0 and finite"),
+    ([float("inf"), 1.0], "must be >= 0 and finite"),
+    ([0.0, 0.0], "all 0"),
+])
+def test_bad_ensemble_weights_are_refused(weights, message):
+    with pytest.raises(UdaError, match=message):
+        ensemble_weights(weights, 2)
+
+
+def test_ensemble_weights_are_normalised_and_default_to_equal():
+    assert ensemble_weights(None, 4) == [0.25] * 4
+    assert ensemble_weights([1, 3], 2) == [0.25, 0.75]
+    assert ensemble_weights([0, 2], 2) == [0.0, 1.0]
+
+
+def test_ensemble_of_matrices_of_other_shapes_or_counts_is_refused():
+    with pytest.raises(UdaError, match="model 2's distances are \\(3, 4\\), the first's \\(3, 5\\)"):
+        ensemble_distance([torch.zeros(3, 5), torch.zeros(3, 4)], [1.0, 1.0])
+    with pytest.raises(UdaError, match="1 distance matrices for 2 weights"):
+        ensemble_distance([torch.zeros(3, 5)], [1.0, 1.0])

@@ -31,6 +31,21 @@ def test_onnx_features_equal_pytorchs_on_real_looking_images(source_model, synth
         np.testing.assert_allclose(got, expected[: len(batch)], atol=1e-4)
 
 
+def test_multi_scale_models_export_their_scales_inside_the_graph(source_model, synth_root, tmp_path):
+    saved = torch.load(source_model, weights_only=True)
+    saved["config"]["eval"]["scales"] = [0.5, 1.0]  # as a run evaluated at two scales saves it
+    multi_scale = tmp_path / "multi_scale.pth"
+    torch.save(saved, multi_scale)
+    out = tmp_path / "multi_scale.onnx"
+    record = export.main(["--model", str(multi_scale), "--out", str(out)])
+    assert record["scales"] == [0.5, 1.0]
+    paths = [r.path for r in load_dataset("synth_duke", synth_root, synth_preset="tiny").query[:5]]
+    extractor = uda.load_model(multi_scale, device="cpu")
+    images = torch.stack([extractor.transform(read_image(p)) for p in paths])
+    (got,) = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["features"], {"images": images.numpy()})
+    np.testing.assert_allclose(got, extractor(paths).numpy(), atol=1e-4)
+
+
 def test_an_opset_the_exporter_did_not_write_is_an_error_not_a_wrong_record(source_model, tmp_path, monkeypatch):
     """torch's converter gives up on some versions with a logged warning and keeps opset 18: the file and
     a record claiming the version asked for must not both survive that."""

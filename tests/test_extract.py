@@ -35,6 +35,19 @@ def test_extraction_equals_the_stages_features_of_the_same_images(source_model, 
     assert torch.allclose(extractor(pil), got[:4], atol=1e-6)
 
 
+def test_extraction_follows_the_runs_test_time_scales(source_model, synth_root, query_paths):
+    opts = ["eval.scales=[0.5,1.0]"]
+    model, cfg = build.load_trained_model(source_model, ["device=cpu", *opts])
+    records = load_dataset("synth_duke", synth_root, synth_preset="tiny").query[:10]
+    kept, images = splits.prepare_split(records, cfg, torch.device("cpu"))
+    expected = extract_features(model, splits.make_plain_loader(kept, cfg, images), flip=cfg.eval.flip, scales=[0.5, 1.0])
+    extractor = uda.load_model(source_model, device="cpu", opts=opts)
+    got = extractor(query_paths)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, uda.load_model(source_model, device="cpu")(query_paths), atol=1e-3)
+    assert extractor.settings["scales"] == [0.5, 1.0]
+
+
 def test_cli_writes_features_paths_and_settings(source_model, query_paths, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(query_paths[:5]) + "\n")

@@ -1,6 +1,7 @@
-"""uda.evaluation.features: flip averaging and normalization by hand, order, modes restored, BatchNorm folding."""
+"""uda.evaluation.features: flip and multi-scale averaging and normalization by hand, order, modes restored, BatchNorm folding."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -182,3 +183,65 @@ def test_reid_model_features_are_the_same_folded_or_not(backbone, pooling, embed
     torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5)
     assert model.training  # the caller's mode comes back, as without folding
     assert sum(isinstance(m, nn.BatchNorm2d) for m in fold_batchnorm(model.eval()).modules()) == 0
+
+
+class MeanAndMeanSquare(nn.Module):
+    """feature = (mean of the image, mean of its square): any input size; downscaling averages pixels,
+    which keeps the mean and lowers the mean square, so the scales' features differ and are computable by hand."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([images.mean(dim=(1, 2, 3)), images.pow(2).mean(dim=(1, 2, 3))], dim=1)
+
+
+def test_multi_scale_average_by_hand():
+    loader = batches(torch.stack([image(1.0, 3.0)]), batch_size=1)  # (3, 1, 2): columns 1 and 3
+    # Scale 1: mean 2, mean square (1 + 9) / 2 = 5. Scale 0.5: one pixel, the columns' mean 2: (2, 4).
+    # Mean over the scales (2, 4.5); normalised (4, 9) / sqrt(97).
+    model = MeanAndMeanSquare()
+    torch.testing.assert_close(extract_features(model, loader, normalize=False, scales=[1.0]), torch.tensor([[2.0, 5.0]]))
+    torch.testing.assert_close(extract_features(model, loader, normalize=False, scales=[0.5]), torch.tensor([[2.0, 4.0]]))
+    torch.testing.assert_close(extract_features(model, loader, scales=[0.5, 1.0]), torch.tensor([[4.0, 9.0]]) / 97**0.5)
+
+
+def trained_like_reid_model(backbone: str = "resnet18_w16", pooling: str = "gem") -> nn.Module:
+    """A small ReID model with BatchNorm running statistics away from their initial 0 / 1, in eval mode."""
+    torch.manual_seed(0)
+    model = build_model(backbone, "none", 1, pooling, True, 0)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 16))
+    return model.eval()
+
+
+def test_scale_one_is_exactly_the_single_scale_feature():
+    model = trained_like_reid_model()
+    images = torch.randn(5, 3, 32, 16, generator=torch.Generator().manual_seed(4))
+    loader = batches(images, batch_size=3)
+    with torch.inference_mode():  # the single-scale feature as extract_features computed it before eval.scales
+        by_hand = F.normalize((model(images).float() + model(images.flip(3)).float()) / 2, dim=1)
+    assert torch.equal(extract_features(model, loader, fold_bn=False, scales=[1.0]), by_hand)
+    assert torch.equal(extract_features(model, loader, scales=[1.0]), extract_features(model, loader))
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_multi_scale_features_are_the_mean_of_each_scales_features(flip):
+    model = trained_like_reid_model()
+    images = torch.randn(5, 3, 32, 16, generator=torch.Generator().manual_seed(5))
+    loader = batches(images, batch_size=2)
+    per_scale = []
+    with torch.inference_mode():
+        for size in ((16, 8), (32, 16)):  # round(32 * 0.5), round(16 * 0.5); scale 1.0 as it is
+            resized = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if size != (32, 16) else images
+            features = model(resized)
+            if flip:
+                features = (features + model(resized.flip(3))) / 2
+            per_scale.append(features)
+    brute_force = F.normalize((per_scale[0] + per_scale[1]) / 2, dim=1)
+    got = extract_features(model, loader, flip=flip, scales=[0.5, 1.0])  # BatchNorm folded: the same up to rounding
+    torch.testing.assert_close(got, brute_force, rtol=0, atol=1e-5)
+    assert not torch.allclose(got, extract_features(model, loader, flip=flip), atol=1e-3)  # the half scale counts
+
+
+def test_an_empty_scale_list_is_refused():
+    with pytest.raises(UdaError, match="scales is empty"):
+        extract_features(MeanAndMeanSquare(), batches(torch.stack([image(1.0, 3.0)]), batch_size=1), scales=[])

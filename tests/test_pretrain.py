@@ -63,6 +63,59 @@ def test_resume_equals_uninterrupted(synth_root, tmp_path):
     assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [2, 3]  # the killed run's epoch-3 record is gone
 
 
+def recording_losses(monkeypatch) -> list[dict]:
+    """Every training step's losses, detached, as compute_losses returned them (pretrain.train_steps wrapped)."""
+    from uda import engine
+
+    steps = []
+
+    def train_steps(loader, compute_losses, *args, **kwargs):
+        def recorded(batch):
+            losses = compute_losses(batch)
+            steps.append({name: value.detach().clone() for name, value in losses.items()})
+            return losses
+
+        return engine.train_steps(loader, recorded, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train_steps", train_steps)
+    return steps
+
+
+def test_mixup_alpha_zero_is_the_plain_step_to_the_bit(synth_root, tmp_path, monkeypatch):
+    common = ["optim.milestones=[2]", "optim.warmup_epochs=1", "train.eval_every=5", "optim.epochs=2"]
+    plain = recording_losses(monkeypatch)
+    run_pretrain(synth_root, tmp_path / "plain", *common)
+
+    def no_mixup(*args, **kwargs):
+        raise AssertionError("train.mixup_alpha=0 took the mixup path")
+
+    monkeypatch.setattr(pretrain, "mixup_losses", no_mixup)
+    zero = recording_losses(monkeypatch)
+    run_pretrain(synth_root, tmp_path / "zero", *common, "train.mixup_alpha=0")
+    assert len(zero) == len(plain) > 0 and set(zero[0]) == {"ce", "triplet", "center"}
+    for step_zero, step_plain in zip(zero, plain):
+        assert all(torch.equal(step_zero[name], step_plain[name]) for name in step_plain)
+    a, b = (torch.load(tmp_path / run / "last.pth", weights_only=False)["net"] for run in ("plain", "zero"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_mixup_trains_on_either_pipeline_and_resumes_exactly(synth_root, tmp_path, monkeypatch):
+    common = ["optim.milestones=[2]", "optim.warmup_epochs=1", "train.eval_every=5", "train.mixup_alpha=0.4"]
+    steps = recording_losses(monkeypatch)
+    run_pretrain(synth_root, tmp_path / "straight", *common, "optim.epochs=2")
+    assert set(steps[0]) == {"ce", "triplet", "center"} and all(torch.isfinite(v).all() for step in steps for v in step.values())
+    run_pretrain(synth_root, tmp_path / "cut", *common, "optim.epochs=1")
+    (tmp_path / "cut" / "model_final.pth").unlink()
+    run_pretrain(synth_root, tmp_path / "cut", *common, "optim.epochs=2", resume=True)
+    a, b = (torch.load(tmp_path / run / "last.pth", weights_only=False)["net"] for run in ("straight", "cut"))
+    assert all(torch.equal(a[key], b[key]) for key in a)  # the mixup draws repeat after a resume
+    run_pretrain(synth_root, tmp_path / "plain", "optim.milestones=[2]", "optim.warmup_epochs=1", "train.eval_every=5", "optim.epochs=2")
+    plain = torch.load(tmp_path / "plain" / "last.pth", weights_only=False)["net"]
+    assert not all(torch.equal(a[key], plain[key]) for key in a)  # mixup changed the training
+    final = run_pretrain(synth_root, tmp_path / "loader", *common, "optim.epochs=1", "data.pipeline=loader")
+    assert 0 <= final["synth_market"]["mAP"] <= 1
+
+
 def test_refuses_to_overwrite_a_run_and_reports_bad_input_in_one_line(synth_root, tmp_path):
     repo = Path(__file__).resolve().parents[1]
 

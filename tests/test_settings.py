@@ -35,11 +35,23 @@ REPO = Path(__file__).resolve().parents[1]
     ("optim.milestones=[0, 5]", "optim.milestones must be a list of epochs >= 1"),
     ("model.last_stride=3", "model.last_stride must be 1"),
     ("loss.center_lr=0", "loss.center_lr must be > 0"),
+    ("eval.scales=[]", r"eval.scales must be a non-empty list of numbers > 0, got \[\]"),
+    ("eval.scales=[0.5,0]", r"eval.scales must be a non-empty list of numbers > 0, got \[0.5, 0\]"),
+    ("eval.scales=[1.0,-1]", "eval.scales must be a non-empty list"),
+    ("eval.scales=[1.0,.inf]", "eval.scales must be a non-empty list"),
+    ("eval.scales=[a]", "eval.scales must be a non-empty list"),
+    ("eval.scales=[true]", "eval.scales must be a non-empty list"),
+    ("eval.scales=0.5", "config key 'eval.scales' expects list"),
 ])
 def test_settings_that_would_fail_late_are_refused_at_once(opt, message):
     settings.check(load_config(pretrain.DEFAULTS))  # the defaults pass
     with pytest.raises(ConfigError, match=message):
         settings.check(load_config(pretrain.DEFAULTS, None, [opt]))
+
+
+def test_multi_scale_lists_pass():
+    for scales in ("[1.0]", "[0.75,1,1.25]", "[2]"):
+        settings.check(load_config(pretrain.DEFAULTS, None, [f"eval.scales={scales}"]))
 
 
 def test_loss_weights_are_checked_once_at_config_load():

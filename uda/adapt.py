@@ -193,8 +193,10 @@ def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.d
 
 def memory_features(model: torch.nn.Module, loader, cfg: Config, device: torch.device, desc: str) -> torch.Tensor:
     """(N, D) L2-normalised features of a whole split with the current model, extracted as the test
-    sets are (eval.flip, bf16 under train.amp): the clusters group what evaluation would match."""
-    return extract_features(model, loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp_dtype(cfg, device), desc=desc)
+    sets are (eval.flip, eval.scales, bf16 under train.amp): the clusters group what evaluation would
+    match. Multi-scale test-time augmentation therefore also costs len(eval.scales) forwards per memory image."""
+    return extract_features(model, loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp_dtype(cfg, device), desc=desc,
+                            scales=cfg.eval.scales)
 
 
 def load_source_model(cfg: Config, path: Path) -> ReIDModel:

@@ -4,7 +4,7 @@
         [--eps 0.4 0.45 0.5 0.55 0.6] [--min-samples 4] [--k1 30] [--k2 6] [--camera-normalize] [--out sweep.json]
 
 The clustering step of adapt.py, once per setting, on the dataset's train split as the model sees it
-(its saved preprocessing, eval.flip; adapt's own `memory_features`): the features and the Jaccard distances are computed once, then
+(its saved preprocessing, eval.flip, eval.scales; adapt's own `memory_features`): the features and the Jaccard distances are computed once, then
 DBSCAN runs for each eps x min_samples. It prints a row per setting: the cluster count, the outlier
 fraction, and, when the train split has ids, agreement with them (NMI, ARI, pairwise precision and
 recall; `uda.cluster.cluster_stats`). Pick settings on a validation pair (one whose labels you may

@@ -6,9 +6,11 @@ The exported graph is what the run's evaluation computes from a batch of preproc
 
     input  "images"   (batch, 3, H, W) float32: RGB resized to the run's data.height x data.width,
                       scaled to [0, 1], normalised with the run's data.mean / data.std (ImageNet's by default)
-    output "features" (batch, D) float32: flip-averaged when the run evaluated so (eval.flip), L2-normalised
+    output "features" (batch, D) float32: flip-averaged when the run evaluated so (eval.flip), averaged
+                      over the run's test-time scales (eval.scales: each a bilinear resize inside the
+                      graph), L2-normalised
 
-with a dynamic batch axis. H, W, the mean/std and D are written beside it in <out>.json.
+with a dynamic batch axis. H, W, the mean/std, the scales and D are written beside it in <out>.json.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 if __package__ in (None, ""):  # run as `python uda/export.py`: import the package, not uda/ itself
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -27,27 +30,26 @@ from torch import nn
 from uda import build
 from uda.cli import output_file, run_main
 from uda.errors import UdaError
+from uda.evaluation.features import multi_scale_features
 
 
 class InferenceFeatures(nn.Module):
     """images (B, 3, H, W) -> L2-normalised (B, D) features, as uda.evaluation.extract_features computes them."""
 
-    def __init__(self, model: nn.Module, flip: bool):
+    def __init__(self, model: nn.Module, flip: bool, scales: Sequence[float] = (1.0,)):
         super().__init__()
         self.model = model.eval()
         self.flip = flip
+        self.scales = tuple(scales)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model(images)
-        if self.flip:
-            features = (features + self.model(images.flip(3))) / 2
-        return F.normalize(features, dim=1)
+        return F.normalize(multi_scale_features(self.model, images, self.scales, self.flip), dim=1)
 
 
 def export_onnx(path: str | Path, out: str | Path, opset: int = 18) -> dict:
     """Write `out` (.onnx) and `out`.json from a saved model; returns the JSON record."""
     model, cfg = build.load_trained_model(path, ["device=cpu"])
-    net = InferenceFeatures(model, cfg.eval.flip).eval()
+    net = InferenceFeatures(model, cfg.eval.flip, cfg.eval.scales).eval()
     example = torch.zeros(2, 3, cfg.data.height, cfg.data.width)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ def export_onnx(path: str | Path, out: str | Path, opset: int = 18) -> dict:
                        f"use --opset {written} or another version its converter supports")
     record = {
         "model": str(path), "input": "images", "output": "features", "height": cfg.data.height, "width": cfg.data.width,
-        "mean": list(cfg.data.mean), "std": list(cfg.data.std), "flip": cfg.eval.flip, "feature_dim": model.feature_dim,
+        "mean": list(cfg.data.mean), "std": list(cfg.data.std), "flip": cfg.eval.flip, "scales": list(cfg.eval.scales), "feature_dim": model.feature_dim,
         "opset": opset,
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

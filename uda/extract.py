@@ -17,7 +17,8 @@ In Python, the same in one call:
 
 Preprocessing is the run's evaluation's: resize to the run's data.height x data.width, its data.mean /
 data.std (ImageNet's unless the run chose others), features of each image averaged with its mirror's when the run evaluated so (eval.flip),
-bf16 autocast under train.amp. The features equal what the run's own evaluation computes.
+and over the run's test-time scales (eval.scales, [1.0] unless the run chose more), bf16 autocast under train.amp.
+The features equal what the run's own evaluation computes.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class FeatureExtractor:
     def settings(self) -> dict:
         """What decides the features, for the record written beside them."""
         return {"height": self.cfg.data.height, "width": self.cfg.data.width, "flip": self.cfg.eval.flip,
-                "amp": self.cfg.train.amp, "backbone": self.cfg.model.backbone, "feature_dim": self.model.feature_dim}
+                "scales": list(self.cfg.eval.scales), "amp": self.cfg.train.amp, "backbone": self.cfg.model.backbone, "feature_dim": self.model.feature_dim}
 
     def _batches(self, images: Sequence[Image.Image | str | Path]) -> Iterator[tuple[torch.Tensor]]:
         for start in range(0, len(images), self.batch_size):
@@ -80,7 +81,8 @@ class FeatureExtractor:
         if len(images) == 0:
             raise UdaError("no images to extract features from")
         return extract_features(self.folded, self._batches(images), flip=self.cfg.eval.flip, normalize=True,
-                                amp_dtype=build.amp_dtype(self.cfg, self.device), desc="features", fold_bn=False)
+                                amp_dtype=build.amp_dtype(self.cfg, self.device), desc="features", fold_bn=False,
+                                scales=self.cfg.eval.scales)
 
 
 def load_model(path: str | Path, device: str = "auto", batch_size: int | None = None,

@@ -29,6 +29,7 @@ from uda.engine import fit, seed_everything, train_steps
 from uda.evaluation.protocol import evaluate_test_sets, make_test_set
 from uda.head_policies import BranchHeads, TrainNet
 from uda.losses import CenterLoss, reid_losses
+from uda.mixup import mixup_losses
 from uda.models import ReIDModel
 from uda.runlog import RunDir
 from uda.schedule import set_lr
@@ -95,10 +96,12 @@ class SourceTraining:
         return {"train": {**losses, "lr": lr}}
 
     def step_losses(self, batch) -> dict[str, torch.Tensor]:
-        """ID + triplet on one P x K batch (+ the center loss on the pooled features)."""
+        """ID + triplet on one P x K batch (+ the center loss on the pooled features; under train.mixup_alpha, uda.mixup's step)."""
         images, pids = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.cfg.train.mixup_alpha > 0:  # the ID loss on a mixed copy of the batch, triplet and center on the clean images
+            return mixup_losses(self.train_net, images, pids, self.cfg, self.center)
         out, scored = self.train_net(images, {"source": pids})
         losses = reid_losses(out["global"], scored["source"][0], pids, self.cfg.loss)
         if self.center is not None:

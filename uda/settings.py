@@ -156,9 +156,14 @@ SETTINGS: tuple[Setting, ...] = (
     S("train.eval_every", 10, Check(lambda v: v >= 1, "a whole number of epochs >= 1 (the last epoch is always evaluated)"),
       "evaluate every N epochs", resume=RESULTS, adapt=1),
     S("train.sync_bn", False, FLAG, "SyncBatchNorm under torchrun"),
+    S("train.mixup_alpha", 0.0, NON_NEGATIVE, "> 0: the ID loss on images mixed with lam ~ Beta(alpha, alpha), triplet and center on the "
+      "clean ones (uda/mixup.py; about twice a step's cost); 0: off", stages=PRETRAIN),
     S("train.keep_checkpoints", 2, AT_LEAST_ONE, "checkpoints kept: last.pth and the ones before it", resume=FREE),
     S("eval.batch_size", 256, AT_LEAST_ONE, "images per feature-extraction batch", resume=FREE),
     S("eval.flip", True, FLAG, "average each image's feature with its mirror's"),
+    S("eval.scales", [1.0], Check(lambda v: len(v) > 0 and all(type(x) in (int, float) and 0 < x < math.inf for x in v),
+                                  "a non-empty list of numbers > 0"),
+      "test-time scales: features averaged over the images resized by each factor, e.g. [0.75, 1.0, 1.25] (also the clustering memory)"),
     S("eval.metric", "cosine", choices(METRICS), "distance (features are L2-normalised either way)"),
     S("eval.ap", "noninterp", choices(AP_DEFINITIONS), "noninterp (torchreid, fast-reid) | trapezoid (the official Market devkit)"),
     S("eval.rerank", False, FLAG, "also report k-reciprocal re-ranked metrics (Zhong et al. 2017)", resume=RESULTS),
@@ -239,8 +244,20 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{key} must be {s.check.rule}, got {value!r}{hint}")
     if values.get("loss.ce_weight") == 0 and values.get("loss.triplet_weight") == 0:
         raise ConfigError("loss.ce_weight and loss.triplet_weight are both 0: nothing to train")
+    if values.get("train.mixup_alpha", 0) > 0:
+        _check_mixup(cfg)
     if "adapt.iters" in values:
         _check_adaptation(cfg)
+
+
+def _check_mixup(cfg: Config) -> None:
+    """Mixup with settings it cannot work with."""
+    if cfg.model.head in ("arcface", "cosface"):
+        raise ConfigError(f"train.mixup_alpha > 0 with model.head={cfg.model.head}: a margin head needs one hard label per "
+                          f"image, and a mixed image has two; use model.head=linear or cosine, or train.mixup_alpha=0")
+    if cfg.loss.ce_weight == 0:
+        raise ConfigError("train.mixup_alpha > 0 with loss.ce_weight=0: mixup changes only the ID loss, so it would "
+                          "only cost a second forward; set train.mixup_alpha=0")
 
 
 def _check_adaptation(cfg: Config) -> None:

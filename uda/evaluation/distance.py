@@ -1,6 +1,9 @@
-"""Query-to-gallery distance matrices, computed in row chunks so the GPU holds one chunk at a time."""
+"""Query-to-gallery distance matrices, computed in row chunks so the GPU holds one chunk at a time, and
+the weighted mean of several models' matrices (an ensemble)."""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -72,3 +75,44 @@ def _as_feature_matrix(name: str, features: np.ndarray | torch.Tensor) -> torch.
     if not features.is_floating_point():
         raise UdaError(f"{name} must hold floating-point features, got dtype {features.dtype}")
     return features.float()
+
+
+def ensemble_weights(weights: Sequence[float] | None, num_models: int) -> list[float]:
+    """`num_models` weights normalised to sum 1 (None: equal weights), or UdaError when there are not
+    as many as models, one is negative or not finite, or all are zero: checked before any model is read."""
+    if weights is None:
+        return [1.0 / num_models] * num_models
+    weights = [float(w) for w in weights]
+    if len(weights) != num_models:
+        raise UdaError(f"{len(weights)} weights for {num_models} models: give one weight per model, in the models' order")
+    if not all(0 <= w < math.inf for w in weights):
+        raise UdaError(f"ensemble weights must be >= 0 and finite, got {weights}")
+    total = sum(weights)
+    if total == 0:
+        raise UdaError(f"ensemble weights are all 0, got {weights}: give at least one model a weight > 0")
+    return [w / total for w in weights]
+
+
+def ensemble_distance(distmats: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The weighted mean sum_m w_m * D_m / sum_m w_m of models' distance matrices of the same pairs: the
+    ensemble of the source documents' competition entry, which averages distances rather than features,
+    so models with different feature sizes and input sizes combine.
+
+    distmats: one (M, N) matrix per model (same shape, same rows and columns in the same order), e.g. a
+    generator that computes each only when it is needed, so at most two are held at a time.
+    weights: one >= 0 per model, not all 0; normalised here (ensemble_weights). A model with itself, or a
+    single model, gives its own distances back exactly. Returns (M, N) float32 on the matrices' device.
+    """
+    weights = ensemble_weights(weights, len(weights))
+    total = None
+    count = 0
+    for weight, distmat in zip(weights, distmats):
+        distmat = torch.as_tensor(distmat, dtype=torch.float32)
+        if total is not None and distmat.shape != total.shape:
+            raise UdaError(f"ensemble_distance: model {count + 1}'s distances are {tuple(distmat.shape)}, the first's "
+                           f"{tuple(total.shape)}: the models must score the same query and gallery")
+        total = weight * distmat if total is None else total.add_(distmat, alpha=weight)
+        count += 1
+    if count != len(weights):
+        raise UdaError(f"ensemble_distance: {count} distance matrices for {len(weights)} weights")
+    return total

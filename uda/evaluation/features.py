@@ -1,7 +1,8 @@
-"""Inference features of a whole loader: eval mode, BatchNorm folded, optional flip averaging and L2 normalization."""
+"""Inference features of a whole loader: eval mode, BatchNorm folded, optional flip and multi-scale
+averaging and L2 normalization."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ def extract_features(
     amp_dtype: torch.dtype | None = None,
     desc: str = "features",
     fold_bn: bool = True,
+    scales: Sequence[float] = (1.0,),
 ) -> torch.Tensor:
     """(N, D) float32 features on the CPU, one row per image, in the loader's order.
 
@@ -35,6 +37,8 @@ def extract_features(
     desc: label of the progress bar (shown only on a terminal).
     fold_bn: extract with a copy of the model whose BatchNorms are folded into the layers before them
         (fold_batchnorm); False for a model folded once already (uda.load_model's).
+    scales: test-time scales (eval.scales): the feature is the mean over these of the (flip-averaged)
+        features of the batch resized by each factor (multi_scale_features); (1.0,) is the plain feature.
     """
     device = _model_device(model)
     previous_modes = [(module, module.training) for module in model.modules()]
@@ -45,9 +49,7 @@ def extract_features(
         with torch.inference_mode():
             for batch in tqdm(loader, desc=desc, disable=None, leave=False):
                 images = _image_batch(batch).to(device, non_blocking=True)
-                features = _forward(runner, images, amp_dtype)
-                if flip:
-                    features = (features + _forward(runner, images.flip(3), amp_dtype)) / 2
+                features = multi_scale_features(lambda batch: _forward(runner, batch, amp_dtype), images, scales, flip)
                 if normalize:
                     features = F.normalize(features, dim=1)
                 rows.append(features.cpu())
@@ -57,6 +59,36 @@ def extract_features(
     if not rows:
         raise UdaError("the loader yielded no batches: check that the split has images")
     return torch.cat(rows)
+
+
+def multi_scale_features(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, scales: Sequence[float], flip: bool
+) -> torch.Tensor:
+    """(B, D) mean over `scales` of forward(images resized by the scale), each flip-averaged (forward of
+    the image and of its horizontal mirror, halved) when `flip`; not normalised.
+
+    images: (B, 3, H, W), already normalised (resizing is linear, so it commutes with the per-channel
+    normalisation); at scale s they are resized to (round(H * s), round(W * s)) by bilinear interpolation
+    (align_corners=False, no antialiasing), and scale 1.0 is the images as they are, so scales (1.0,) is
+    exactly the single-scale feature. The model must accept any input size (global pooling does).
+    Shared by extract_features and the ONNX export (uda.export), so both compute the same thing.
+    """
+    if len(scales) == 0:
+        raise UdaError("scales is empty: list at least one test-time scale, e.g. [1.0]")
+    total = None
+    for scale in scales:
+        resized = images if scale == 1.0 else _resized(images, scale)
+        features = forward(resized)
+        if flip:
+            features = (features + forward(resized.flip(3))) / 2
+        total = features if total is None else total + features
+    return total / len(scales)
+
+
+def _resized(images: torch.Tensor, scale: float) -> torch.Tensor:
+    height, width = images.shape[-2:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

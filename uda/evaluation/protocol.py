@@ -3,6 +3,8 @@ the run extracts them, and mAP / CMC / mINP under the Market-1501 protocol (opti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -55,32 +57,44 @@ def evaluate_test_sets(
 
 
 def test_set_features(model: nn.Module, test_set: TestSet, cfg: Config, amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query features, gallery features), L2-normalised, as evaluation scores them (eval.flip, bf16 under train.amp)."""
-    features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}")
+    """(query features, gallery features), L2-normalised, as evaluation scores them (eval.flip, eval.scales, bf16 under train.amp)."""
+    features = extract_features(model, test_set.loader, flip=cfg.eval.flip, normalize=True, amp_dtype=amp, desc=f"features {test_set.name}",
+                                scales=cfg.eval.scales)
     return features[: len(test_set.query)], features[len(test_set.query):]
+
+
+Distances = Callable[[str, str, str], torch.Tensor]  # (rows, columns: "query" | "gallery", metric) -> distance matrix
+
+
+def score_test_set(test_set: TestSet, cfg: Config, device: torch.device, distances: Distances) -> dict[str, dict]:
+    """{name: metrics} (+ '<name>_rerank' under eval.rerank) of one test set under the Market-1501 protocol,
+    from `distances`: one model's features, or an ensemble's weighted mean (uda/evaluate.py)."""
+    q_pids, q_cams = torch.tensor([r.pid for r in test_set.query]), torch.tensor([r.camid for r in test_set.query])
+    g_pids, g_cams = torch.tensor([r.pid for r in test_set.gallery]), torch.tensor([r.camid for r in test_set.gallery])
+    protocol = {"ap": cfg.eval.ap, "remove_same_camera": test_set.remove_same_camera}
+    results = {test_set.name: summary(evaluate(distances("query", "gallery", cfg.eval.metric), q_pids, g_pids, q_cams, g_cams, **protocol))}
+    if cfg.eval.rerank:  # the published re-ranking squares its input, so it is given Euclidean distances
+        reranked = re_ranking(
+            distances("query", "gallery", "euclidean"), distances("query", "query", "euclidean"), distances("gallery", "gallery", "euclidean"),
+            k1=cfg.eval.rerank_k1, k2=cfg.eval.rerank_k2, lambda_value=cfg.eval.rerank_lambda, device=device,
+        )
+        results[f"{test_set.name}_rerank"] = summary(evaluate(reranked, q_pids, g_pids, q_cams, g_cams, **protocol))
+    return results
+
+
+def feature_distances(features: dict[str, torch.Tensor], device: torch.device, rows: str, columns: str, metric: str) -> torch.Tensor:
+    """Distances between one model's {"query": (Q, D), "gallery": (G, D)} features (a `Distances` once partially applied)."""
+    return pairwise_distance(features[rows], features[columns], metric=metric, device=device)
 
 
 def _evaluate(model: nn.Module, test_sets: list[TestSet], cfg: Config, device: torch.device) -> dict[str, dict]:
     results: dict[str, dict] = {}
-    amp = amp_dtype(cfg, device)
     for test_set in test_sets:
-        qf, gf = test_set_features(model, test_set, cfg, amp)
-        q_pids, q_cams = torch.tensor([r.pid for r in test_set.query]), torch.tensor([r.camid for r in test_set.query])
-        g_pids, g_cams = torch.tensor([r.pid for r in test_set.gallery]), torch.tensor([r.camid for r in test_set.gallery])
-        distmat = pairwise_distance(qf, gf, metric=cfg.eval.metric, device=device)
-        protocol = {"ap": cfg.eval.ap, "remove_same_camera": test_set.remove_same_camera}
-        results[test_set.name] = _summary(evaluate(distmat, q_pids, g_pids, q_cams, g_cams, **protocol))
-        if cfg.eval.rerank:
-            # the published re-ranking squares its input, so it is given Euclidean distances
-            reranked = re_ranking(
-                pairwise_distance(qf, gf, metric="euclidean", device=device),
-                pairwise_distance(qf, qf, metric="euclidean", device=device),
-                pairwise_distance(gf, gf, metric="euclidean", device=device),
-                k1=cfg.eval.rerank_k1, k2=cfg.eval.rerank_k2, lambda_value=cfg.eval.rerank_lambda, device=device,
-            )
-            results[f"{test_set.name}_rerank"] = _summary(evaluate(reranked, q_pids, g_pids, q_cams, g_cams, **protocol))
+        qf, gf = test_set_features(model, test_set, cfg, amp_dtype(cfg, device))
+        results.update(score_test_set(test_set, cfg, device, partial(feature_distances, {"query": qf, "gallery": gf}, device)))
     return results
 
 
-def _summary(metrics: dict) -> dict:
+def summary(metrics: dict) -> dict:
+    """The metrics a run reports, as floats."""
     return {key: float(metrics[key]) for key in ("mAP", "mINP", "rank1", "rank5", "rank10")}
