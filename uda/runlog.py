@@ -87,8 +87,7 @@ PSEUDO_LABELS = "pseudo_labels"  # adapt's per-epoch cluster labels
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """`write(handle)` into a temporary file in the same folder, then rename: a killed run never leaves
-    half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start). A full disk
-    is a UdaError saying so (see disk_full_error)."""
+    half a file (at most a stale `.<name>.*.tmp`, which RunDir removes at the next start)."""
     atomic_write_all({Path(path): write})
 
 
@@ -97,7 +96,6 @@ def atomic_write_all(writes: dict[Path, Callable[[BinaryIO], None]]) -> None:
     written to its temporary first, then all renamed, so a failure in any leaves none of them."""
     temporaries: dict[Path, str] = {}
     renamed: list[Path] = []
-    path = None
     try:
         for path, write in writes.items():
             fd, temporaries[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -109,12 +107,9 @@ def atomic_write_all(writes: dict[Path, Callable[[BinaryIO], None]]) -> None:
         for path, tmp in temporaries.items():
             os.replace(tmp, path)
             renamed.append(path)
-    except BaseException as exc:
+    except BaseException:
         for written in [*temporaries.values(), *renamed]:
             Path(written).unlink(missing_ok=True)
-        full = _disk_full(exc)
-        if full is not None and path is not None:
-            raise disk_full_error(path, full) from None
         raise
 
 
@@ -350,7 +345,7 @@ class RunDir:
         if not self.is_main or not path.is_file():
             return
         kept = "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["epoch"] <= epoch)
-        atomic_write(path, lambda handle: handle.write(kept.encode()))
+        self._saving(path, lambda: atomic_write(path, lambda handle: handle.write(kept.encode())))
 
     def checkpoint_files(self) -> list[Path]:
         """This folder's checkpoints, newest first: last.pth, last.1.pth, ... (those that exist)."""
@@ -378,7 +373,7 @@ class RunDir:
             except OSError:  # a file system without hard links
                 shutil.copyfile(last, link)
             os.replace(link, previous)
-        atomic_save(state, last)
+        self._saving(last, lambda: atomic_save(state, last))
         for extra in self.checkpoint_files()[self.keep_checkpoints:]:  # keep_checkpoints was lowered
             extra.unlink()
 
@@ -394,13 +389,25 @@ class RunDir:
         if not index.is_file():
             ids = true_ids if true_ids is not None else np.full(len(images), -1)
             text = "".join(f"{path}\t{int(pid)}\n" for path, pid in zip(images, ids))
-            atomic_write(index, lambda handle: handle.write(text.encode()))
-        atomic_write(folder / f"epoch_{epoch:03d}.npy", lambda handle: np.save(handle, np.asarray(labels, dtype=np.int64)))
+            self._saving(index, lambda: atomic_write(index, lambda handle: handle.write(text.encode())))
+        path = folder / f"epoch_{epoch:03d}.npy"
+        self._saving(path, lambda: atomic_write(path, lambda handle: np.save(handle, np.asarray(labels, dtype=np.int64))))
+
+    @staticmethod
+    def _saving(path: Path, save: Callable[[], None]) -> None:
+        """`save()` (an atomic write of `path` in the run folder); a full disk is one line saying what is left and how to go on."""
+        try:
+            save()
+        except BaseException as exc:
+            full = _disk_full(exc)
+            if full is None:
+                raise
+            raise disk_full_error(path, full) from None
 
     def save_final_model(self, state: dict) -> None:
         """The trained model for the next stage or for deployment (the checkpoint holds more)."""
         if self.is_main:
-            atomic_save(state, self.path / FINAL_MODEL)
+            self._saving(self.path / FINAL_MODEL, lambda: atomic_save(state, self.path / FINAL_MODEL))
             self.log(f"final model: {self.path / FINAL_MODEL}")
 
     def load_checkpoint(self) -> dict | None:
