@@ -61,9 +61,7 @@ def evaluate(
     camera ids are 1-D integer arrays or tensors. Returns floats in [0, 1], cmc as a float64 numpy
     array, and num_valid_queries (queries with at least one match).
     """
-    distmat, q_pids, g_pids, q_camids, g_camids = _checked_inputs(
-        distmat, q_pids, g_pids, q_camids, g_camids
-    )
+    distmat, q_pids, g_pids, q_camids, g_camids = _checked_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     if ap not in AP_DEFINITIONS:
         raise UdaError(f"unknown AP definition {ap!r}: use one of {', '.join(AP_DEFINITIONS)}")
     if max_rank < 1:
@@ -82,14 +80,10 @@ def evaluate(
     def fraction_within(k: torch.Tensor | int) -> torch.Tensor:
         return (first_rank.unsqueeze(-1) <= torch.as_tensor(k)).double().mean(0)
 
-    cmc = fraction_within(torch.arange(1, max_rank + 1)).numpy()
     return {
-        "mAP": float(ap_per_query[valid].mean()),
-        "mINP": float(inp_per_query[valid].mean()),
-        "cmc": cmc,
-        "rank1": float(fraction_within(1)),
-        "rank5": float(fraction_within(5)),
-        "rank10": float(fraction_within(10)),
+        "mAP": float(ap_per_query[valid].mean()), "mINP": float(inp_per_query[valid].mean()),
+        "cmc": fraction_within(torch.arange(1, max_rank + 1)).numpy(),
+        "rank1": float(fraction_within(1)), "rank5": float(fraction_within(5)), "rank10": float(fraction_within(10)),
         "num_valid_queries": num_valid,
     }
 
