@@ -482,7 +482,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("grid", help="a grid file, e.g. configs/ablations/temperature.yaml")
+    parser.add_argument("grid", help="a grid file, e.g. configs/ablations/uda_loop.yaml")
     parser.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2],
                         help="N: seeds 0..N-1 per variant (default 3); A-B: seeds A..B, e.g. the ones another machine has not run")
     parser.add_argument("--runs-dir", type=output_folder, default=Path("runs/grid"), help="where the runs go (default runs/grid)")
