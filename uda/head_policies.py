@@ -120,6 +120,16 @@ class MergedHead(BranchHeads):
         replace_head(self["merged"], optimizer, torch.cat([source_rows, round.rows]))
 
 
+@torch.no_grad()
+def momentum_update(rows: torch.Tensor, indices: torch.Tensor, features: torch.Tensor, momentum: float) -> torch.Tensor:
+    """A copy of `rows` after moving rows[indices[i]] <- normalise(m row + (1 - m) features[i]), in order
+    (a row named twice moves twice): the memories' update of Cluster Contrast and CAP."""
+    rows = rows.clone()
+    for index, feature in zip(indices.tolist(), features):
+        rows[index] = F.normalize(momentum * rows[index] + (1 - momentum) * feature, dim=0)
+    return rows
+
+
 class ClusterMemory(nn.Module):
     """Target rows kept as a cluster memory (Cluster Contrast, Dai et al. 2021): each round's cluster
     centres, then moved after every training forward toward the batch's features of their cluster,
@@ -154,17 +164,11 @@ class ClusterMemory(nn.Module):
     @torch.no_grad()
     def updated_rows(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The rows after one batch (features (B, D) L2-normalised, targets (B,) cluster ids)."""
-        rows, m = self.weight.clone(), self.momentum
-        if self.hard:
-            updates = []
-            for label in targets.unique().tolist():
-                mine = features[targets == label]
-                updates.append((label, mine[(mine @ rows[label]).argmin()]))
-        else:
-            updates = zip(targets.tolist(), features)
-        for label, feature in updates:
-            rows[label] = F.normalize(m * rows[label] + (1 - m) * feature, dim=0)
-        return rows
+        if not self.hard:
+            return momentum_update(self.weight, targets, features, self.momentum)
+        labels = targets.unique()
+        hardest = [features[targets == label][(features[targets == label] @ self.weight[label]).argmin()] for label in labels.tolist()]
+        return momentum_update(self.weight, labels, torch.stack(hardest), self.momentum)
 
 
 class ClusterMemoryHeads(BranchHeads):
@@ -249,10 +253,7 @@ class CameraProxies(nn.Module):
     @torch.no_grad()
     def updated_proxies(self, features: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
         """The proxies after one batch: image by image, its proxy <- normalise(m proxy + (1 - m) f)."""
-        rows, m = self.weight.clone(), self.momentum
-        for index, feature in zip(proxies.tolist(), features):
-            rows[index] = F.normalize(m * rows[index] + (1 - m) * feature, dim=0)
-        return rows
+        return momentum_update(self.weight, proxies, features, self.momentum)
 
 
 class CameraProxyHeads(BranchHeads):
