@@ -1,4 +1,4 @@
-"""Parsers and factory of uda.datasets on small fake trees (empty files: parsers never open images)."""
+"""The benchmarks' parsers and load_dataset (uda.datasets.benchmarks) on small fake trees (empty files: parsers never open images)."""
 import re
 import shutil
 import sys
@@ -8,10 +8,7 @@ from pathlib import Path
 import pytest
 
 from uda.datasets import load_dataset
-from uda.datasets.duke import parse_duke
-from uda.datasets.factory import KNOWN_DATASETS, resolve_data_root
-from uda.datasets.market import parse_market
-from uda.datasets.msmt17 import parse_msmt17
+from uda.datasets.benchmarks import KNOWN_DATASETS, parse_duke, parse_market, parse_msmt17, resolve_data_root
 from uda.errors import DatasetError
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from uda.data.sampler import PKSampler
+from uda.data.device_batches import PKSampler
 from uda.errors import ConfigError
 
 # 10 identities with 2..13 images (id 0 has fewer than K=4), interleaved with DBSCAN outliers (-1).

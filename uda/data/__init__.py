@@ -3,7 +3,7 @@ identity sampler and the DataLoaders built from them."""
 from uda.data.dataset import ReIDImageDataset
 from uda.data.images import ImageCache, prepare_images, read_image
 from uda.data.loaders import SeededSampler, test_loader, train_loader
-from uda.data.sampler import PKSampler
+from uda.data.device_batches import PKSampler
 from uda.data.transforms import IMAGENET_MEAN, IMAGENET_STD, test_transform, train_transform
 
 __all__ = [

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from uda.data.dataset import ReIDImageDataset
 from uda.data.images import ImageCache
-from uda.data.sampler import PKSampler
+from uda.data.device_batches import PKSampler
 from uda.datasets.base import ImageRecord
 
 
