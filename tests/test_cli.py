@@ -105,3 +105,18 @@ def test_every_command_refuses_an_unwritable_output_when_the_command_line_is_rea
     with pytest.raises(SystemExit) as stop:  # before the missing model, config or dataset is looked at
         command([arg.format(ro=read_only) for arg in argv])
     assert stop.value.code == 2 and f"{read_only} is not writable" in capsys.readouterr().err
+
+
+def test_a_stage_that_ends_normally_leaves_its_process_group(tmp_path):
+    """Under torchrun a process that exits with its Gloo group alive can abort at shutdown (SIGABRT after
+    the work is done): run_main destroys the group after a normal end."""
+    import torch.distributed as dist
+
+    from uda.cli import run_main
+
+    def stage(argv):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+
+    run_main(stage, [])
+    assert not dist.is_initialized()

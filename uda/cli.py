@@ -100,9 +100,13 @@ output_folder.__name__ = "output folder"
 
 
 def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run an entry point; a UdaError (bad path, bad config, NaN loss...) is printed as one line, exit 2."""
+    """Run an entry point; a UdaError (bad path, bad config, NaN loss...) is printed as one line, exit 2.
+    After a normal end under torchrun, the process group is left cleanly."""
     try:
         main(argv)
+        from uda.distributed import leave_process_group  # torch is imported by then; cli itself stays light
+
+        leave_process_group()
     except UdaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -82,3 +82,12 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
         return model
     device_ids = [info.local_rank] if torch.cuda.is_available() else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def leave_process_group() -> None:
+    """At a stage's normal end: wait for every process, then destroy the group. A process that exits with
+    the group alive can abort in Gloo's threads at interpreter shutdown ("terminate called without an
+    active exception", SIGABRT: pytorch/pytorch#190489), failing a torchrun job whose work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
