@@ -95,18 +95,19 @@ def test_an_ensemble_scores_the_weighted_mean_of_its_models_distances(source_mod
     from uda.evaluation import evaluate as score
 
     out = tmp_path / "ensemble.json"
-    results = evaluate.main(["--model", str(source_model), str(other_model), "--weights", "0.7", "0.3", "--dataset", "synth_market",
+    results = evaluate.main(["--model", str(source_model), str(other_model), "--weights", "0.3", "0.7", "--dataset", "synth_market",
                              "--data-root", str(synth_root), "--json", str(out)])
     (own, other), ids = each_models_distances([source_model, other_model], synth_root)
     assert own.shape == other.shape
-    expected = score(0.7 * own + 0.3 * other, **ids)
+    expected = score(0.3 * own + 0.7 * other, **ids)
     assert set(results) == {"synth_market"}
     for key in ("mAP", "mINP", "rank1", "rank5", "rank10"):
         assert results["synth_market"][key] == pytest.approx(float(expected[key]), abs=1e-6), key
     assert json.loads(out.read_text()) == results
-    assert "ensemble 0.7 x" in capsys.readouterr().out
+    assert "ensemble 0.3 x" in capsys.readouterr().out
     alone = evaluate.main(["--model", str(source_model), "--dataset", "synth_market", "--data-root", str(synth_root)])
-    assert results["synth_market"]["mAP"] != pytest.approx(alone["synth_market"]["mAP"], abs=1e-3)  # the other model counts
+    assert results["synth_market"]["mAP"] != pytest.approx(alone["synth_market"]["mAP"], abs=1e-3)  # the other model counts (it weighs most: an untrained
+    # model at a small weight can leave the ranking, and so the mAP, almost unchanged on some machines)
 
 
 def test_an_ensemble_of_a_model_with_itself_scores_as_the_model(source_model, synth_root):
