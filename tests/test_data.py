@@ -9,7 +9,7 @@ from PIL import ExifTags, Image, ImageFile
 
 import uda.data.loaders as loaders
 import uda.data.transforms as transforms
-from uda.data.dataset import ReIDImageDataset
+from uda.data.loaders import ReIDImageDataset
 from uda.data.images import prepare_images, read_image, to_rgb
 from uda.datasets.base import ImageRecord
 from uda.errors import CorruptImageError, DatasetError
