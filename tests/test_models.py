@@ -622,3 +622,72 @@ def test_more_frozen_blocks_than_the_backbone_has_are_refused():
     assert len(build_model("mobilenet_v2", "none").backbone.blocks()) == 19
     with pytest.raises(ConfigError, match="model.frozen_blocks=6, but this backbone has 5 blocks"):
         build_model("resnet18_w16", "none", frozen_blocks=6)
+
+
+def test_ibn_normalises_half_the_channels_per_image_and_starts_from_its_batchnorm():
+    """IBN-a by hand: the first half is (x - per-image mean) / std * w + b, from the BatchNorm's own w, b;
+    the second half is the BatchNorm itself (in eval mode: its running statistics)."""
+    from uda.models.backbone import IBN
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    ibn = IBN.from_batchnorm(bn).eval()
+    x = torch.randn(3, 5, 4, 6) * 3 + 1
+    out = ibn(x)
+    assert ibn.half == 2
+    first = x[:, :2]
+    mean, var = first.mean(dim=(2, 3), keepdim=True), first.var(dim=(2, 3), unbiased=False, keepdim=True)
+    by_hand = (first - mean) / torch.sqrt(var + 1e-5) * bn.weight[:2].view(1, 2, 1, 1) + bn.bias[:2].view(1, 2, 1, 1)
+    assert torch.allclose(out[:, :2], by_hand, atol=1e-5)
+    assert torch.allclose(out[:, 2:], bn.eval()(x)[:, 2:], atol=1e-6)
+    # an image's colour and contrast (a per-channel affine change) leave the instance-normalised half unchanged
+    assert torch.allclose(ibn(x * 2.5 + 0.7)[:, :2], out[:, :2], atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone, blocks, units", [("resnet18_w16", 3, 6), ("mobilenet_v2", 17, 17)])
+def test_ibn_blocks_replace_the_first_batchnorm_of_each_unit_after_the_stem(backbone, blocks, units):
+    from uda.models import build_model
+    from uda.models.backbone import IBN
+
+    torch.manual_seed(0)
+    model = build_model(backbone, "none", ibn_blocks=blocks)
+    ibns = [m for m in model.modules() if isinstance(m, IBN)]
+    assert len(ibns) == units
+    stem, last = model.backbone.blocks()[0], model.backbone.blocks()[-1]
+    assert not any(isinstance(m, IBN) for m in [*stem.modules(), *last.modules()])
+    if backbone == "resnet18_w16":
+        assert all(isinstance(unit.bn1, IBN) and not isinstance(unit.bn2, IBN) for layer in (model.backbone.layer1,
+                   model.backbone.layer2, model.backbone.layer3) for unit in layer)
+    one = build_model(backbone, "none", ibn_blocks=1)
+    assert sum(isinstance(m, IBN) for m in one.modules()) == (2 if backbone == "resnet18_w16" else 1)
+    out = model.train()(torch.randn(4, 3, 64, 32))
+    out["global"].square().mean().backward()
+    assert all(ibn.IN.weight.grad is not None and ibn.BN.weight.grad is not None for ibn in ibns)
+
+
+def test_ibn_starts_from_the_imagenet_batchnorm_and_a_saved_ibn_model_needs_its_setting():
+    """With ImageNet weights the BatchNorm half keeps the learned statistics; the structure is part of the
+    model, so a state dict loads only into a model built with the same model.ibn_blocks."""
+    from uda.models import build_model
+    from uda.models.backbone import IBN
+
+    plain = build_model("mobilenet_v2", "imagenet")
+    ibn = build_model("mobilenet_v2", "imagenet", ibn_blocks=2)
+    for index in (1, 2):
+        bn, unit = plain.backbone.features[index].conv[0][1], ibn.backbone.features[index].conv[0][1]
+        assert isinstance(unit, IBN) and torch.equal(unit.BN.running_var, bn.running_var[unit.half:])
+        assert torch.equal(unit.IN.weight, bn.weight[: unit.half])
+    assert torch.equal(ibn.backbone.features[3].conv[0][1].running_var, plain.backbone.features[3].conv[0][1].running_var)
+    build_model("mobilenet_v2", "none", ibn_blocks=2).load_state_dict(ibn.state_dict())
+    with pytest.raises(RuntimeError, match="IN.weight"):
+        plain.load_state_dict(ibn.state_dict())
+
+
+def test_more_ibn_blocks_than_lie_between_stem_and_last_block_are_refused():
+    from uda.errors import ConfigError
+    from uda.models import build_model
+
+    with pytest.raises(ConfigError, match="model.ibn_blocks=4, but this backbone has 3 blocks between its stem"):
+        build_model("resnet18_w16", "none", ibn_blocks=4)

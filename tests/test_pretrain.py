@@ -116,6 +116,19 @@ def test_mixup_trains_on_either_pipeline_and_resumes_exactly(synth_root, tmp_pat
     assert 0 <= final["synth_market"]["mAP"] <= 1
 
 
+def test_an_ibn_source_model_trains_resumes_exactly_and_is_saved_with_its_units(synth_root, tmp_path):
+    common = ["optim.milestones=[2]", "optim.warmup_epochs=1", "train.eval_every=5", "model.ibn_blocks=2"]
+    run_pretrain(synth_root, tmp_path / "straight", *common, "optim.epochs=2")
+    run_pretrain(synth_root, tmp_path / "cut", *common, "optim.epochs=1")
+    (tmp_path / "cut" / "model_final.pth").unlink()
+    run_pretrain(synth_root, tmp_path / "cut", *common, "optim.epochs=2", resume=True)
+    a, b = (torch.load(tmp_path / run / "last.pth", weights_only=False)["net"] for run in ("straight", "cut"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    saved = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=False)
+    assert saved["config"]["model"]["ibn_blocks"] == 2
+    assert sum(key.endswith(".IN.weight") for key in saved["model"]) == 4  # layer1 and layer2, two units each
+
+
 def test_refuses_to_overwrite_a_run_and_reports_bad_input_in_one_line(synth_root, tmp_path):
     repo = Path(__file__).resolve().parents[1]
 

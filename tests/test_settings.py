@@ -91,7 +91,7 @@ def test_the_stages_defaults_rules_and_model_keys_come_from_the_table():
     assert "loss" in settings.defaults("pretrain") and "center_weight" not in settings.defaults("adapt")["loss"]
     assert "adapt" not in settings.defaults("pretrain") and "cluster" not in settings.defaults()
     assert set(settings.MODEL_SETTINGS) == {"model.backbone", "model.last_stride", "model.pooling", "model.bnneck", "model.embedding_dim",
-                                            "data.height", "data.width", "data.mean", "data.std"}
+                                            "model.ibn_blocks", "data.height", "data.width", "data.mean", "data.std"}
     assert "optim.epochs" in settings.RESUME_MAY_CHANGE and "optim.lr" not in settings.RESUME_MAY_CHANGE
     assert set(settings.CHANGE_RESULTS) == {"optim.epochs", "train.eval_every", "eval.rerank"} <= settings.RESUME_MAY_CHANGE
 

@@ -52,7 +52,8 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 def build_reid_model(cfg: Config, pretrained: str | None = None) -> ReIDModel:
     m = cfg.model
-    return build_model(m.backbone, pretrained or m.pretrained, m.last_stride, m.pooling, m.bnneck, m.embedding_dim, m.frozen_blocks)
+    return build_model(m.backbone, pretrained or m.pretrained, m.last_stride, m.pooling, m.bnneck, m.embedding_dim, m.frozen_blocks,
+                       m.ibn_blocks)
 
 
 def with_defaults(saved: dict, base: dict) -> dict:

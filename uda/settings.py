@@ -127,6 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
       model=True),
     S("model.frozen_blocks", 0, NON_NEGATIVE, "the backbone's first N blocks (MobileNetV2: 19, stem to 1x1 conv; ResNet: 5, stem "
       "and layer1-4) get no gradient and keep their BatchNorm statistics: a cheaper step"),
+    S("model.ibn_blocks", 0, NON_NEGATIVE, "IBN-a: half the channels of the first BatchNorm of each residual unit in the "
+      "first N blocks after the stem normalised per image (InstanceNorm); 0: off", model=True),
     S("model.head", "linear", choices(HEADS), "classifier head", adapt="cosine"),
     S("model.temperature", 0.1, POSITIVE, "cosine head: logits = cos / T"),
     S("model.scale", 30.0, POSITIVE, "arcface / cosface scale"),

@@ -134,9 +134,11 @@ def build_model(
     bnneck: bool = True,
     embedding_dim: int = 0,
     frozen_blocks: int = 0,
+    ibn_blocks: int = 0,
 ) -> ReIDModel:
     """The strong baseline's feature extractor by default (ResNet-50, last stride 1, average pooling, BNNeck)."""
-    return ReIDModel(build_backbone(backbone, pretrained, last_stride), build_pooling(pooling), bnneck, embedding_dim, frozen_blocks)
+    trunk = build_backbone(backbone, pretrained, last_stride, ibn_blocks)
+    return ReIDModel(trunk, build_pooling(pooling), bnneck, embedding_dim, frozen_blocks)
 
 
 # Classifier heads
