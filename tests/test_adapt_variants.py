@@ -48,7 +48,7 @@ def test_more_kmeans_clusters_than_target_images_is_refused_before_decoding(synt
 
 VARIANTS = {  # all switches at once: two runs cover every policy and setting the grid turns
     "merged": ["adapt.classifier=merged", "adapt.head_init=normal", "adapt.temperature_schedule=grow",
-               "adapt.renormalize_rows=true", "cluster.method=kmeans", "cluster.num_clusters=12"],
+               "adapt.renormalize_rows=true", "adapt.xbm_size=96", "cluster.method=kmeans", "cluster.num_clusters=12"],
     "memory": ["adapt.classifier=memory", "adapt.memory_update=hard", "adapt.memory_momentum=0.1", "adapt.temperature_schedule=grow",
                "cluster.method=kmeans", "cluster.num_clusters=12"],
     "proxies": ["adapt.classifier=proxies", "adapt.proxy_negatives=5", "adapt.proxy_inter_weight=1.0", "adapt.temperature_schedule=grow",
@@ -71,3 +71,16 @@ def test_every_variant_runs_and_resumes_exactly(name, synth_root, source_model, 
     assert a["num_clusters"] == b["num_clusters"] and rows[name]
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
     assert "temperature 0.1693" in (tmp_path / "straight" / "log.txt").read_text()  # epoch 2 of the growing schedule
+
+
+def test_the_cross_batch_memory_changes_the_target_triplet(synth_root, source_model, tmp_path):
+    """adapt.xbm_size: the target triplet mines the memory too, so its logged mean over the round differs."""
+    import re
+
+    common = ["cluster.method=kmeans", "cluster.num_clusters=12", "optim.epochs=1", "adapt.iters=6"]
+    losses = {}
+    for name, extra in (("plain", []), ("xbm", ["adapt.xbm_size=256"])):
+        run_adapt(synth_root, source_model, tmp_path / name, *common, *extra)
+        line = next(l for l in (tmp_path / name / "log.txt").read_text().splitlines() if "epoch 1/1" in l)
+        losses[name] = {key: float(value) for key, value in re.findall(r"(\w+_triplet) ([\d.e-]+)", line)}
+    assert losses["xbm"]["target_triplet"] != pytest.approx(losses["plain"]["target_triplet"], abs=1e-4)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from uda.errors import ConfigError
-from uda.losses import CenterLoss, cross_entropy_label_smooth, triplet_loss
+from uda.config import Config
+from uda.losses import CenterLoss, CrossBatchMemory, cross_entropy_label_smooth, reid_losses, triplet_loss
 
 
 # ---------------------------------------------------------------- label-smoothed cross-entropy
@@ -79,6 +80,55 @@ def test_triplet_matches_brute_force_value_and_gradient(soft_margin):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(grad.double(), expected_grad, atol=1e-5)
     assert loss.item() > 0
+
+
+def test_triplet_with_a_cross_batch_memory_by_hand():
+    """Batch 0, 1 (id 0) and 5, 6 (id 1); memory 0.5 (id 1), 2.5 (id 0), 9 (id 0), newest first. Farthest
+    positive and closest negative per anchor: 0: 9 (memory) and 0.5 (memory); 1: 9 -> 8 and 0.5; 5: 0.5
+    (memory, 4.5) and 2.5 (memory, 2.5); 6: 0.5 (memory, 5.5) and 9 (memory, 3)."""
+    memory = CrossBatchMemory(size=3)
+    memory.enqueue(torch.tensor([[9.0]]), torch.tensor([0]))
+    memory.enqueue(torch.tensor([[0.5], [2.5]]), torch.tensor([1, 0]))
+    assert memory.features.flatten().tolist() == [0.5, 2.5, 9.0] and memory.labels.tolist() == [1, 0, 0]
+    features, targets = torch.tensor([[0.0], [1.0], [5.0], [6.0]]), torch.tensor([0, 0, 1, 1])
+    by_hand = ((9 - 0.5 + 0.3) + (8 - 0.5 + 0.3) + (4.5 - 2.5 + 0.3) + (5.5 - 3 + 0.3)) / 4
+    assert triplet_loss(features, targets, margin=0.3, memory=memory).item() == pytest.approx(by_hand, rel=1e-6)
+    assert triplet_loss(features, targets, margin=0.3, memory=CrossBatchMemory(8)).item() == triplet_loss(features, targets).item()
+
+
+def test_triplet_with_memory_matches_brute_force_over_batch_and_memory():
+    torch.manual_seed(4)
+    batch_ids = torch.arange(4).repeat_interleave(2)
+    memory_ids = torch.randint(0, 6, (20,))
+    features = (torch.randn(8, 5, dtype=torch.float64) * 0.5).requires_grad_()
+    memory = CrossBatchMemory(size=20)
+    memory.enqueue(torch.randn(20, 5, dtype=torch.float64) * 0.5, memory_ids)
+    loss = triplet_loss(features, batch_ids, margin=0.3, memory=memory)
+    per_anchor = []
+    for a in range(8):
+        pos = [torch.linalg.norm(features[a] - features[p]) for p in range(8) if p != a and batch_ids[p] == batch_ids[a]]
+        pos += [torch.linalg.norm(features[a] - memory.features[m]) for m in range(20) if memory_ids[m] == batch_ids[a]]
+        neg = [torch.linalg.norm(features[a] - features[n]) for n in range(8) if batch_ids[n] != batch_ids[a]]
+        neg += [torch.linalg.norm(features[a] - memory.features[m]) for m in range(20) if memory_ids[m] != batch_ids[a]]
+        per_anchor.append(F.relu(max(pos) - min(neg) + 0.3))
+    expected = torch.stack(per_anchor).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    (grad,), (expected_grad,) = torch.autograd.grad(loss, features), torch.autograd.grad(expected, features)
+    assert torch.allclose(grad.double(), expected_grad, atol=1e-6)
+
+
+def test_cross_batch_memory_keeps_the_newest_features_and_reid_losses_feed_it():
+    memory = CrossBatchMemory(size=5)
+    for step in range(3):  # 3 batches of 2: the oldest image drops out
+        memory.enqueue(torch.full((2, 1), float(step)), torch.tensor([step, step]))
+    assert memory.features.flatten().tolist() == [2, 2, 1, 1, 0] and memory.labels.tolist() == [2, 2, 1, 1, 0]
+    loss_cfg = Config({"ce_weight": 0.0, "triplet_weight": 1.0, "triplet_margin": 0.3, "soft_margin": False, "label_smoothing": 0.1})
+    features = torch.tensor([[0.0], [1.0], [5.0], [6.0]], requires_grad=True)
+    with_memory = reid_losses(features, None, torch.tensor([0, 0, 1, 1]), loss_cfg, memory=memory)["triplet"]
+    assert with_memory.item() != pytest.approx(reid_losses(features, None, torch.tensor([0, 0, 1, 1]), loss_cfg)["triplet"].item())
+    assert memory.features.flatten().tolist() == [0, 1, 5, 6, 2] and not memory.features.requires_grad
+    memory.reset()
+    assert memory.features is None
 
 
 def test_triplet_margin_arithmetic_on_four_points():

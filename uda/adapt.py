@@ -40,7 +40,7 @@ from uda.errors import ConfigError, UdaError
 from uda.evaluation.features import extract_features
 from uda.evaluation.protocol import evaluate_test_sets, make_test_set
 from uda.head_policies import HEAD_POLICIES, Round, TrainNet, initial_rows, param_groups, temperature_at
-from uda.losses import reid_losses
+from uda.losses import CrossBatchMemory, reid_losses
 from uda.models import ReIDModel
 from uda.models.backbone import imagenet_weights_on_disk
 from uda.pretrain import default_output_dir as pretrain_output_dir
@@ -91,6 +91,7 @@ class Adaptation:
         self.test_sets = [make_test_set(target, cfg, device)]
 
         num_source_classes = len({r.pid for r in source_train})
+        self.cross_batch = CrossBatchMemory(cfg.adapt.xbm_size) if cfg.adapt.xbm_size else None  # the target triplet's XBM
         self.heads = HEAD_POLICIES[cfg.adapt.classifier](partial(build_classifier, cfg, model.feature_dim), num_source_classes, cfg.adapt)
         net = TrainNet(model, self.heads).to(device)
         if not run.resuming:  # the source rows start from the source class centres under the source model
@@ -119,6 +120,8 @@ class Adaptation:
         temperature = temperature_at(cfg.model.temperature, cfg.adapt.temperature_schedule, epoch + 1)
         if cfg.adapt.temperature_schedule != "fixed":
             self.heads.set_temperature(temperature)
+        if self.cross_batch:
+            self.cross_batch.reset()  # its labels were last round's
         self.train_net = wrap_model(self.net, self.dist)  # DDP registers parameters once: wrap again around the new rows
         pseudo = [dataclasses.replace(r, pid=int(label)) for r, label in zip(self.target_train, clusters.labels) if label >= 0]
         target_loader = make_train_loader(pseudo, cfg, self.target_images, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -155,7 +158,7 @@ class Adaptation:
     def step_losses(self, batch) -> dict[str, torch.Tensor]:
         if self.cfg.adapt.renormalize_rows:
             self.heads.renormalize_rows()
-        return joint_losses(self.train_net, batch, self.cfg, self.device)
+        return joint_losses(self.train_net, batch, self.cfg, self.device, self.cross_batch)
 
     def evaluate(self, epoch: int) -> dict:
         return evaluate_test_sets(self.net.model, self.test_sets, self.cfg, self.device, self.dist)
@@ -173,9 +176,11 @@ class Adaptation:
         return {checkpoint.MODEL: self.net.model.state_dict(), checkpoint.CONFIG: self.cfg.to_dict()}
 
 
-def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device,
+                 cross_batch: CrossBatchMemory | None = None) -> dict[str, torch.Tensor]:
     """One step's losses: a source P x K batch and a pseudo-labelled target P x K batch through one forward,
-    each branch's CE (on the logits its head policy gives it) + triplet, weighted by loss.{source,target}_weight."""
+    each branch's CE (on the logits its head policy gives it) + triplet (the target's also against the
+    cross-batch memory, when adapt.xbm_size > 0), weighted by loss.{source,target}_weight."""
     (source_images, source_pids, source_cams, *_), (target_images, target_pids, target_cams, *_) = batch
     images = torch.cat([source_images, target_images]).to(device, non_blocking=True)
     if cfg.train.channels_last:
@@ -186,7 +191,8 @@ def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.d
     for branch, (logits, labels, id_loss) in scored.items():
         rows = slice(start, start + len(labels))
         start += len(labels)
-        weighted = reid_losses(out["global"][rows], logits, labels, cfg.loss, prefix=f"{branch}_", id_loss=id_loss)
+        weighted = reid_losses(out["global"][rows], logits, labels, cfg.loss, prefix=f"{branch}_", id_loss=id_loss,
+                               memory=cross_batch if branch == "target" else None)
         losses.update({name: cfg.loss[f"{branch}_weight"] * value for name, value in weighted.items()})
     return losses
 

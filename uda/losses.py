@@ -29,15 +29,36 @@ def cross_entropy_label_smooth(logits: Tensor, targets: Tensor, epsilon: float =
     return F.cross_entropy(logits, targets, label_smoothing=epsilon)
 
 
-def _pairwise_euclidean(features: Tensor) -> Tensor:
-    """(B, D) -> (B, B) Euclidean distances, safe to differentiate at zero distance.
+def _pairwise_euclidean(features: Tensor, others: Tensor | None = None) -> Tensor:
+    """(B, D) [, (M, D)] -> (B, B) [or (B, M)] Euclidean distances, safe to differentiate at zero distance.
 
     The squared distance is clamped to 1e-12 before the sqrt: identical features give distance
     1e-6 and zero gradient instead of sqrt'(0) = inf -> NaN.
     """
-    squared_norms = features.pow(2).sum(1)
-    squared = squared_norms[:, None] + squared_norms[None, :] - 2.0 * features @ features.T
+    others = features if others is None else others
+    squared = features.pow(2).sum(1)[:, None] + others.pow(2).sum(1)[None, :] - 2.0 * features @ others.T
     return squared.clamp(min=1e-12).sqrt()
+
+
+class CrossBatchMemory:
+    """XBM (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020): the last `size` features of
+    the target batches (detached, newest first) and their pseudo-labels, so a small CPU batch's triplet also
+    finds its hardest positive and negative among a few thousand recent images. The features drift slowly
+    under a small lr, which is what makes the stale ones usable. Emptied each round (the labels change)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.reset()
+
+    def reset(self) -> None:
+        self.features: Tensor | None = None
+        self.labels: Tensor | None = None
+
+    def enqueue(self, features: Tensor, labels: Tensor) -> None:
+        features, labels = features.detach().float(), labels.detach()
+        if self.features is not None:
+            features, labels = torch.cat([features, self.features]), torch.cat([labels, self.labels])
+        self.features, self.labels = features[: self.size], labels[: self.size]
 
 
 def triplet_loss(
@@ -45,13 +66,15 @@ def triplet_loss(
     targets: Tensor,
     margin: float = 0.3,
     soft_margin: bool = False,
+    memory: CrossBatchMemory | None = None,
 ) -> Tensor:
     """Batch-hard triplet loss (Hermans et al., "In Defense of the Triplet Loss", 2017).
 
     For each anchor: d_ap = distance to its farthest other image of the same id, d_an = distance
     to its closest image of another id; loss = mean over anchors of relu(d_ap - d_an + margin),
     or of softplus(d_ap - d_an) = log(1 + exp(d_ap - d_an)) with soft_margin (margin unused).
-    Distances are plain Euclidean on the raw pooled feature, as in the strong baseline.
+    Distances are plain Euclidean on the raw pooled feature, as in the strong baseline. With a
+    `memory` (XBM), the positives and negatives are searched among the batch and the memory's features.
 
     An anchor with no other image of its id, or with no image of another id, has no triplet and
     is left out of the mean (the loss is 0 when no anchor has one). The P x K sampler with K >= 2
@@ -61,11 +84,14 @@ def triplet_loss(
     """
     if margin < 0:
         raise ConfigError(f"triplet margin={margin} is negative; use e.g. 0.3")
-    dist = _pairwise_euclidean(features.float())
-
+    features = features.float()
+    dist = _pairwise_euclidean(features)
     same_id = targets[:, None] == targets[None, :]
-    is_self = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
-    is_pos = same_id & ~is_self
+    is_pos = same_id & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+    if memory is not None and memory.features is not None:
+        dist = torch.cat([dist, _pairwise_euclidean(features, memory.features)], dim=1)
+        in_memory = targets[:, None] == memory.labels[None, :]
+        same_id, is_pos = torch.cat([same_id, in_memory], dim=1), torch.cat([is_pos, in_memory], dim=1)
     is_neg = ~same_id
     has_triplet = is_pos.any(1) & is_neg.any(1)
 
@@ -123,16 +149,20 @@ class CenterLoss(nn.Module):
 
 
 def reid_losses(global_features: Tensor, logits: Tensor | None, labels: Tensor, loss: Config, prefix: str = "",
-                id_loss: Tensor | None = None) -> dict[str, Tensor]:
+                id_loss: Tensor | None = None, memory: CrossBatchMemory | None = None) -> dict[str, Tensor]:
     """The strong baseline's two losses on one branch: ID (label-smoothed CE on the head's logits of f_i,
-    or `id_loss` where a head policy computes its own) and batch-hard triplet on the pooled f_t; weighted
-    by the config's `loss` section, named '<prefix>ce' and '<prefix>triplet'."""
+    or `id_loss` where a head policy computes its own) and batch-hard triplet on the pooled f_t (also
+    against `memory`'s features, which then takes this batch's); weighted by the config's `loss` section,
+    named '<prefix>ce' and '<prefix>triplet'."""
     losses = {}
     if loss.ce_weight > 0:
         own = id_loss if id_loss is not None else cross_entropy_label_smooth(logits.float(), labels, loss.label_smoothing)
         losses[f"{prefix}ce"] = loss.ce_weight * own
     if loss.triplet_weight > 0:
-        losses[f"{prefix}triplet"] = loss.triplet_weight * triplet_loss(global_features, labels, loss.triplet_margin, loss.soft_margin)
+        losses[f"{prefix}triplet"] = loss.triplet_weight * triplet_loss(global_features, labels, loss.triplet_margin, loss.soft_margin,
+                                                                        memory)
+    if memory is not None:
+        memory.enqueue(global_features, labels)
     if not losses:
         raise ConfigError("loss.ce_weight and loss.triplet_weight are both 0: nothing to train")
     return losses

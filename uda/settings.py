@@ -195,6 +195,8 @@ SETTINGS: tuple[Setting, ...] = (
       stages=ADAPT),
     S("adapt.proxy_negatives", 50, AT_LEAST_ONE, "proxies: hard negatives (other clusters' most similar proxies) of the inter-camera term",
       stages=ADAPT),
+    S("adapt.xbm_size", 0, NON_NEGATIVE, "cross-batch memory (XBM): the target triplet also mines the last N target features "
+      "of the round; 0: off", stages=ADAPT),
     S("adapt.renormalize_rows", False, FLAG, "the heads' rows set to unit norm before every step", stages=ADAPT),
     S("cluster.method", "dbscan", choices(CLUSTER_METHODS), "dbscan (Jaccard distances) | kmeans (MMT-style)", stages=ADAPT),
     S("cluster.num_clusters", 500, Check(lambda v: v >= 2, "a whole number >= 2"), "kmeans only: clusters per round", stages=ADAPT),
