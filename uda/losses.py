@@ -35,8 +35,12 @@ def _pairwise_euclidean(features: Tensor, others: Tensor | None = None) -> Tenso
     The squared distance is clamped to 1e-12 before the sqrt: identical features give distance
     1e-6 and zero gradient instead of sqrt'(0) = inf -> NaN.
     """
-    others = features if others is None else others
-    squared = features.pow(2).sum(1)[:, None] + others.pow(2).sum(1)[None, :] - 2.0 * features @ others.T
+    squared_norms = features.pow(2).sum(1)
+    if others is None:  # one norm node used twice: the backward sums as it always has (the same floats)
+        others, other_norms = features, squared_norms
+    else:
+        other_norms = others.pow(2).sum(1)
+    squared = squared_norms[:, None] + other_norms[None, :] - 2.0 * features @ others.T
     return squared.clamp(min=1e-12).sqrt()
 
 
