@@ -30,7 +30,7 @@ from uda import checkpoint
 from uda.build import (amp_dtype, build_classifier, build_optimizer, build_reid_model, build_schedule, check_model_settings,
                        load_model_weights, runtime)
 from uda.cli import config_overrides, run_main, stage_parser
-from uda.cluster import check_camera_normalize, cluster_centers, pseudo_label_round
+from uda.cluster import PseudoLabels, check_camera_normalize, cluster_centers, pseudo_label_round
 from uda.config import Config, flatten, load_config, opt
 from uda.data.splits import load_named_dataset, make_plain_loader, make_train_loader, prepare_train_split, stream_seed
 from uda.datasets import ReIDDataset
@@ -135,7 +135,7 @@ class Adaptation:
         scheduled = {"temperature": temperature} if cfg.adapt.temperature_schedule != "fixed" else {}
         return {"train": {**losses, "lr": lr, **scheduled}, "clusters": clusters.stats}
 
-    def pseudo_labels(self, epoch: int):
+    def pseudo_labels(self, epoch: int) -> tuple[torch.Tensor, PseudoLabels]:
         """(the target memory, this round's clusters of it): the clusters saved in the run folder and logged with
         their agreement with the true ids."""
         features = memory_features(self.net.model, self.memory_loader, self.cfg, self.device, f"target memory {epoch + 1}")

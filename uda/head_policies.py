@@ -220,14 +220,14 @@ class CameraProxies(nn.Module):
 
     def reset(self, features: torch.Tensor, labels: torch.Tensor, camids: torch.Tensor) -> None:
         """Proxies from a round's memory: the L2-normalised mean of each (cluster, camera) group, ordered by cluster then camera."""
-        clustered = labels >= 0
-        keys = labels[clustered].long() * (int(camids.max()) + 1) + camids[clustered].long()
+        clustered, cameras = labels >= 0, int(camids.max()) + 1
+        keys = labels[clustered].long() * cameras + camids[clustered].long()
         groups, group_of = torch.unique(keys, return_inverse=True)
         sums = features.new_zeros(len(groups), features.shape[1]).index_add_(0, group_of, features[clustered].float())
         self.resize(len(groups))
         self.weight.copy_(F.normalize(sums, dim=1))
-        self.proxy_cluster.copy_(groups // (int(camids.max()) + 1))
-        self.proxy_camera.copy_(groups % (int(camids.max()) + 1))
+        self.proxy_cluster.copy_(groups // cameras)
+        self.proxy_camera.copy_(groups % cameras)
 
     def resize(self, num_proxies: int) -> None:
         self.weight = self.weight.new_zeros(num_proxies, self.in_features)
