@@ -34,6 +34,9 @@ def test_kmeans_recovers_planted_clusters_and_is_seeded():
     ("cluster.method=agglomerative", "cluster.method must be one of dbscan, kmeans"),
     ("adapt.temperature_schedule=grow model.head=arcface", "model.head=arcface has none"),
     ("cluster.method=kmeans cluster.num_clusters=8", "cluster.num_clusters=8 must be at least data.num_pids=16"),
+    ("adapt.teacher_momentum=1", r"adapt.teacher_momentum must be in \[0, 1\), got 1"),
+    ("adapt.soft_ce_weight=0.3", "adapt.soft_ce_weight applies to the mean teacher only"),
+    ("adapt.teacher_momentum=0.99 adapt.classifier=proxies", "the camera proxies give no logits for the soft ID loss"),
 ])
 def test_variant_settings_are_checked_before_any_data(opt, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -53,6 +56,8 @@ VARIANTS = {  # all switches at once: two runs cover every policy and setting th
                "cluster.method=kmeans", "cluster.num_clusters=12"],
     "proxies": ["adapt.classifier=proxies", "adapt.proxy_negatives=5", "adapt.proxy_inter_weight=1.0", "adapt.temperature_schedule=grow",
                 "model.frozen_blocks=2", "cluster.method=kmeans", "cluster.num_clusters=12"],
+    "mean_teacher": ["adapt.teacher_momentum=0.9", "adapt.soft_triplet_weight=0.5", "adapt.classifier=memory", "adapt.xbm_size=96",
+                     "adapt.temperature_schedule=grow", "cluster.method=kmeans", "cluster.num_clusters=12"],
 }
 
 
@@ -67,9 +72,11 @@ def test_every_variant_runs_and_resumes_exactly(name, synth_root, source_model, 
     straight, cut = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "cut")
     assert straight == cut and straight[-1]["clusters"]["num_clusters"] == 12 and straight[-1]["clusters"]["outlier_fraction"] == 0
     a, b = (torch.load(tmp_path / folder / "last.pth", weights_only=False) for folder in ("straight", "cut"))
-    rows = {"merged": a["num_clusters"] > 12, "memory": a["num_clusters"] == 12, "proxies": a["num_clusters"] >= 12}  # + source rows; + cameras
+    rows = {"merged": a["num_clusters"] > 12, "memory": a["num_clusters"] == 12, "proxies": a["num_clusters"] >= 12,  # + source rows; + cameras
+            "mean_teacher": a["num_clusters"] == 12}
     assert a["num_clusters"] == b["num_clusters"] and rows[name]
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert ("teacher" in a) == (name == "mean_teacher") and all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a.get("teacher", {}))
     assert "temperature 0.1693" in (tmp_path / "straight" / "log.txt").read_text()  # epoch 2 of the growing schedule
 
 

@@ -11,10 +11,13 @@ initialised from the clusters' mean memory features; (5) `adapt.iters` steps on 
 plus a P x K target batch: source CE + triplet on the source head, target CE + triplet on the target
 head -- two separate temperature-scaled cosine heads; (6) evaluation on the target test set with the
 clusters' statistics (NMI/ARI/pairwise P/R against the true ids are diagnostics, never used to train).
-The reported result is the last epoch's: no best-epoch picking on target test labels.
+The reported result is the last epoch's: no best-epoch picking on target test labels. A change to the
+loop is a subclass of `Adaptation`: `MeanTeacherAdaptation` (adapt.teacher_momentum > 0) clusters,
+evaluates and saves a temporal average of the model that also gives the target branch soft targets.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from functools import partial
@@ -40,7 +43,7 @@ from uda.errors import ConfigError, UdaError
 from uda.evaluation.features import extract_features
 from uda.evaluation.protocol import evaluate_test_sets, make_test_set
 from uda.head_policies import HEAD_POLICIES, Round, TrainNet, initial_rows, param_groups, temperature_at
-from uda.losses import CrossBatchMemory, reid_losses
+from uda.losses import CrossBatchMemory, reid_losses, soft_cross_entropy, soft_triplet_loss
 from uda.models import ReIDModel
 from uda.models.backbone import imagenet_weights_on_disk
 from uda.pretrain import default_output_dir as pretrain_output_dir
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_source_model(cfg, init_path)  # before any image is decoded: a wrong source model fails early
     output_dir = args.output_dir or Path("runs") / "adapt" / f"{source.name}2{target.name}"
     run = RunDir(output_dir, cfg, resume=args.resume, is_main=dist.is_main)
-    return fit(run, Adaptation(cfg, run, model, source, target, init_path, device, dist))
+    loop = MeanTeacherAdaptation if cfg.adapt.teacher_momentum > 0 else Adaptation
+    return fit(run, loop(cfg, run, model, source, target, init_path, device, dist))
 
 
 class Adaptation:
@@ -110,19 +114,15 @@ class Adaptation:
         self.run.log(f"initialised from {self.init_path}")
         log_evaluation(self.run, 0, self.evaluate(-1))
 
+    @property
+    def feature_model(self) -> ReIDModel:
+        """The model whose features are clustered, evaluated and saved."""
+        return self.net.model
+
     def train_epoch(self, epoch: int) -> dict:
         """One round: cluster the target memory, re-create the target rows, train `adapt.iters` joint steps."""
         cfg = self.cfg
-        features, clusters = self.pseudo_labels(epoch)
-        rows = initial_rows(clusters.centers.to(self.device), cfg.adapt.head_init, stream_seed(cfg.seed, 1001 + epoch))
-        self.heads.recluster(Round(rows, features, torch.as_tensor(clusters.labels, device=features.device), self.camids.to(features.device)),
-                             self.optimizer)
-        temperature = temperature_at(cfg.model.temperature, cfg.adapt.temperature_schedule, epoch + 1)
-        if cfg.adapt.temperature_schedule != "fixed":
-            self.heads.set_temperature(temperature)
-        if self.cross_batch:
-            self.cross_batch.reset()  # its labels were last round's
-        self.train_net = wrap_model(self.net, self.dist)  # DDP registers parameters once: wrap again around the new rows
+        clusters = self.new_round(epoch)
         pseudo = [dataclasses.replace(r, pid=int(label)) for r, label in zip(self.target_train, clusters.labels) if label >= 0]
         target_loader = make_train_loader(pseudo, cfg, self.target_images, rank=self.dist.rank, world_size=self.dist.world_size,
                                           num_iterations=cfg.adapt.iters, stream=1)
@@ -132,13 +132,28 @@ class Adaptation:
         target_loader.sampler.set_epoch(epoch)
         losses = train_steps(zip(self.source_loader, target_loader), self.step_losses, [self.optimizer], num_steps=cfg.adapt.iters,
                              device=self.device, amp_dtype=self.amp, desc=f"epoch {epoch + 1}/{self.epochs}")
-        scheduled = {"temperature": temperature} if cfg.adapt.temperature_schedule != "fixed" else {}
+        scheduled = {"temperature": self.temperature} if cfg.adapt.temperature_schedule != "fixed" else {}
         return {"train": {**losses, "lr": lr, **scheduled}, "clusters": clusters.stats}
+
+    def new_round(self, epoch: int) -> PseudoLabels:
+        """This round's clusters, the target rows re-created from them, the round's temperature set."""
+        cfg = self.cfg
+        features, clusters = self.pseudo_labels(epoch)
+        rows = initial_rows(clusters.centers.to(self.device), cfg.adapt.head_init, stream_seed(cfg.seed, 1001 + epoch))
+        self.heads.recluster(Round(rows, features, torch.as_tensor(clusters.labels, device=features.device), self.camids.to(features.device)),
+                             self.optimizer)
+        self.temperature = temperature_at(cfg.model.temperature, cfg.adapt.temperature_schedule, epoch + 1)
+        if cfg.adapt.temperature_schedule != "fixed":
+            self.heads.set_temperature(self.temperature)
+        if self.cross_batch:
+            self.cross_batch.reset()  # its labels were last round's
+        self.train_net = wrap_model(self.net, self.dist)  # DDP registers parameters once: wrap again around the new rows
+        return clusters
 
     def pseudo_labels(self, epoch: int) -> tuple[torch.Tensor, PseudoLabels]:
         """(the target memory, this round's clusters of it): the clusters saved in the run folder and logged with
         their agreement with the true ids."""
-        features = memory_features(self.net.model, self.memory_loader, self.cfg, self.device, f"target memory {epoch + 1}")
+        features = memory_features(self.feature_model, self.memory_loader, self.cfg, self.device, f"target memory {epoch + 1}")
         clusters = pseudo_label_round(features, self.camids, device=self.device, true_ids=self.true_ids, dist=self.dist,
                                       seed=self.cfg.seed + epoch, **self.cfg.cluster)
         stats = clusters.stats
@@ -161,7 +176,7 @@ class Adaptation:
         return joint_losses(self.train_net, batch, self.cfg, self.device, self.cross_batch)
 
     def evaluate(self, epoch: int) -> dict:
-        return evaluate_test_sets(self.net.model, self.test_sets, self.cfg, self.device, self.dist)
+        return evaluate_test_sets(self.feature_model, self.test_sets, self.cfg, self.device, self.dist)
 
     def state_dict(self, epoch: int) -> dict:
         return {checkpoint.EPOCH: epoch, checkpoint.NET: self.net.state_dict(), checkpoint.OPTIMIZER: self.optimizer.state_dict(),
@@ -173,7 +188,88 @@ class Adaptation:
         self.optimizer.load_state_dict(state[checkpoint.OPTIMIZER])
 
     def final_model(self) -> dict:
-        return {checkpoint.MODEL: self.net.model.state_dict(), checkpoint.CONFIG: self.cfg.to_dict()}
+        return {checkpoint.MODEL: self.feature_model.state_dict(), checkpoint.CONFIG: self.cfg.to_dict()}
+
+
+class MeanTeacherAdaptation(Adaptation):
+    """Adaptation with a mean teacher (MMT, Ge et al. 2020, one network instead of two): a temporal average of
+    the model and its heads, teacher <- m teacher + (1 - m) student after every step (adapt.teacher_momentum;
+    buffers such as BatchNorm statistics and memory rows copied). The teacher's features are clustered,
+    evaluated and saved, and the target branch also learns the teacher's soft targets on the same batch:
+    ID (1 - w) CE + w soft CE against the teacher's logits over the same rows (adapt.soft_ce_weight), and
+    triplet (1 - w') hard + w' soft triplet against the teacher's distances (adapt.soft_triplet_weight).
+    The teacher runs in eval mode (its copied BatchNorm statistics) on the target images only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = frozen_copy(self.net)
+        self.student_moved = False  # whether the optimizer has stepped since the teacher last followed
+
+    @property
+    def feature_model(self) -> ReIDModel:
+        return self.teacher.model
+
+    def new_round(self, epoch: int) -> PseudoLabels:
+        clusters = super().new_round(epoch)
+        self.teacher.heads = frozen_copy(self.net.heads)  # the round's rows, for the teacher's logits
+        return clusters
+
+    def train_epoch(self, epoch: int) -> dict:
+        result = super().train_epoch(epoch)
+        self.follow_student()  # the round's last step
+        return result
+
+    def follow_student(self) -> None:
+        if self.student_moved:
+            ema_update(self.teacher, self.net, self.cfg.adapt.teacher_momentum)
+            self.student_moved = False
+
+    def step_losses(self, batch) -> dict[str, torch.Tensor]:
+        self.follow_student()  # the previous step's update, before this step's targets
+        if self.cfg.adapt.renormalize_rows:
+            self.heads.renormalize_rows()
+        cfg, (_, (_, target_pids, target_cams, *_)) = self.cfg, batch
+        images, out, scored = joint_forward(self.train_net, batch, cfg, self.device)
+        losses = branch_losses(out, scored, cfg, self.cross_batch)
+        n = len(images) - len(target_pids)
+        with torch.no_grad():
+            teacher = self.teacher.model.outputs(images[n:])
+            empty = target_pids.new_empty(0)
+            teacher_logits = self.teacher.heads(teacher["bn"], {"source": empty, "target": target_pids.to(self.device)},
+                                                {"source": empty, "target": target_cams.to(self.device)})["target"].logits
+        soft_ce, soft_triplet, weight = cfg.adapt.soft_ce_weight, cfg.adapt.soft_triplet_weight, cfg.loss.target_weight
+        if "target_ce" in losses and soft_ce > 0:
+            losses["target_ce"] = (1 - soft_ce) * losses["target_ce"]
+            losses["target_soft_ce"] = weight * cfg.loss.ce_weight * soft_ce * soft_cross_entropy(scored["target"].logits, teacher_logits)
+        if "target_triplet" in losses and soft_triplet > 0:
+            losses["target_triplet"] = (1 - soft_triplet) * losses["target_triplet"]
+            losses["target_soft_triplet"] = weight * cfg.loss.triplet_weight * soft_triplet * soft_triplet_loss(
+                out["global"][n:], teacher["global"], target_pids.to(self.device))
+        self.student_moved = True  # train_steps steps the optimizer next
+        return losses
+
+    def state_dict(self, epoch: int) -> dict:
+        return {**super().state_dict(epoch), checkpoint.TEACHER: self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.teacher.heads = frozen_copy(self.net.heads)  # at the checkpoint's size
+        self.teacher.load_state_dict(state[checkpoint.TEACHER])
+
+
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy in eval mode that no optimizer or backward reaches (a mean teacher)."""
+    return copy.deepcopy(module).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """teacher <- m teacher + (1 - m) student for every parameter; every buffer copied (BatchNorm statistics,
+    memory rows: a statistic is not averaged twice)."""
+    for mean, current in zip(teacher.parameters(), student.parameters(), strict=True):
+        mean.mul_(momentum).add_(current.detach(), alpha=1 - momentum)
+    for mean, current in zip(teacher.buffers(), student.buffers(), strict=True):
+        mean.copy_(current)
 
 
 def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device,
@@ -181,12 +277,23 @@ def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.d
     """One step's losses: a source P x K batch and a pseudo-labelled target P x K batch through one forward,
     each branch's CE (on the logits its head policy gives it) + triplet (the target's also against the
     cross-batch memory, when adapt.xbm_size > 0), weighted by loss.{source,target}_weight."""
+    _, out, scored = joint_forward(train_net, batch, cfg, device)
+    return branch_losses(out, scored, cfg, cross_batch)
+
+
+def joint_forward(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device):
+    """(the images, source rows first; the model's outputs; {branch: Scored}) of one forward of both batches."""
     (source_images, source_pids, source_cams, *_), (target_images, target_pids, target_cams, *_) = batch
     images = torch.cat([source_images, target_images]).to(device, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     out, scored = train_net(images, {"source": source_pids.to(device), "target": target_pids.to(device)},
                             {"source": source_cams.to(device), "target": target_cams.to(device)})
+    return images, out, scored
+
+
+def branch_losses(out: dict, scored: dict, cfg: Config, cross_batch: CrossBatchMemory | None = None) -> dict[str, torch.Tensor]:
+    """Each branch's weighted CE + triplet on its rows of the batch (the target's triplet also against `cross_batch`)."""
     losses, start = {}, 0
     for branch, (logits, labels, id_loss) in scored.items():
         rows = slice(start, start + len(labels))

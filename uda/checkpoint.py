@@ -24,6 +24,7 @@ CONFIG = "config"  # the resolved config of the run that wrote the file
 EPOCH = "epoch"  # last.pth: epochs finished
 OPTIMIZER = "optimizer"
 NUM_CLUSTERS = "num_clusters"  # adapt's last.pth: the rows of the head re-created from the clusters (target, or merged) at that epoch
+TEACHER = "teacher"  # adapt's last.pth under adapt.teacher_momentum > 0: the mean teacher (a TrainNet)
 
 
 def read(path: str | Path, what: str = "model", *, advice: str = "") -> dict[str, Any]:

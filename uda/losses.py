@@ -106,6 +106,32 @@ def triplet_loss(
     return per_anchor.sum() / has_triplet.sum().clamp(min=1)
 
 
+def soft_cross_entropy(logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """MMT's soft ID loss: the cross-entropy of the student's class probabilities against the teacher's,
+    -sum_c softmax(teacher)_c log softmax(student)_c, averaged over the batch (no gradient to the teacher)."""
+    return -(teacher_logits.detach().float().softmax(1) * logits.float().log_softmax(1)).sum(1).mean()
+
+
+def soft_triplet_loss(features: Tensor, teacher_features: Tensor, targets: Tensor) -> Tensor:
+    """MMT's soft triplet loss (Ge et al., ICLR 2020): for each anchor the student's hardest positive p and
+    negative n (as `triplet_loss` mines them), the student's softmax over (-d_ap, -d_an) trained toward the
+    teacher's softmax over its own distances to the same p and n (binary cross-entropy), averaged over the
+    anchors that have both. Soft targets instead of a margin: how much closer p is than n under the teacher."""
+    features, teacher_features = features.float(), teacher_features.detach().float()
+    dist = _pairwise_euclidean(features)
+    same_id = targets[:, None] == targets[None, :]
+    is_pos = same_id & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+    has_triplet = is_pos.any(1) & (~same_id).any(1)
+    positive = dist.masked_fill(~is_pos, float("-inf")).argmax(1, keepdim=True)
+    negative = dist.masked_fill(same_id, float("inf")).argmin(1, keepdim=True)
+    pair = torch.cat([positive, negative], 1)  # (B, 2)
+    log_prob = (-dist.gather(1, pair)).log_softmax(1)
+    with torch.no_grad():
+        target = (-_pairwise_euclidean(teacher_features).gather(1, pair)).softmax(1)
+    per_anchor = -(target * log_prob).sum(1)
+    return per_anchor[has_triplet].sum() / has_triplet.sum().clamp(min=1)
+
+
 class CenterLoss(nn.Module):
     """Center loss (Wen et al., ECCV 2016) as the strong baseline's code computes it, with its own optimizer.
 

@@ -197,6 +197,13 @@ SETTINGS: tuple[Setting, ...] = (
       stages=ADAPT),
     S("adapt.xbm_size", 0, NON_NEGATIVE, "cross-batch memory (XBM): the target triplet also mines the last N target features "
       "of the round; 0: off", stages=ADAPT),
+    S("adapt.teacher_momentum", 0.0, Check(lambda v: 0 <= v < 1, "in [0, 1)"),
+      "> 0: a mean teacher (MMT-style), teacher <- m teacher + (1 - m) model after each step, clustered, evaluated and "
+      "saved, and giving the target branch soft targets (MMT: 0.999); 0: off", stages=ADAPT),
+    S("adapt.soft_ce_weight", 0.5, PROBABILITY, "mean teacher: target ID loss (1 - w) CE + w soft CE against the teacher's "
+      "logits (MMT: 0.5)", stages=ADAPT),
+    S("adapt.soft_triplet_weight", 0.8, PROBABILITY, "mean teacher: target triplet (1 - w) hard + w soft triplet against the "
+      "teacher's distances (MMT: 0.8)", stages=ADAPT),
     S("adapt.renormalize_rows", False, FLAG, "the heads' rows set to unit norm before every step", stages=ADAPT),
     S("cluster.method", "dbscan", choices(CLUSTER_METHODS), "dbscan (Jaccard distances) | kmeans (MMT-style)", stages=ADAPT),
     S("cluster.num_clusters", 500, Check(lambda v: v >= 2, "a whole number >= 2"), "kmeans only: clusters per round", stages=ADAPT),
@@ -278,6 +285,13 @@ def _check_adaptation(cfg: Config) -> None:
         changed = [k for k in cfg.adapt if k.startswith(prefix) and cfg.adapt[k] != BY_KEY[f"adapt.{k}"].default]
         if changed and cfg.adapt.classifier != policy:
             raise ConfigError(f"adapt.{changed[0]} applies to adapt.classifier={policy} only: add it, or leave the setting out")
+    soft = [k for k in ("soft_ce_weight", "soft_triplet_weight") if cfg.adapt[k] != BY_KEY[f"adapt.{k}"].default]
+    if soft and cfg.adapt.teacher_momentum == 0:
+        raise ConfigError(f"adapt.{soft[0]} applies to the mean teacher only: add adapt.teacher_momentum (e.g. 0.999), "
+                          "or leave the setting out")
+    if cfg.adapt.teacher_momentum > 0 and cfg.adapt.classifier == "proxies" and cfg.adapt.soft_ce_weight > 0:
+        raise ConfigError("adapt.teacher_momentum > 0 with adapt.classifier=proxies: the camera proxies give no logits "
+                          "for the soft ID loss; set adapt.soft_ce_weight=0 (the soft triplet still applies)")
     if cfg.adapt.classifier in ("memory", "proxies") and cfg.adapt.head_init != "centers":
         raise ConfigError(f"adapt.classifier={cfg.adapt.classifier} starts its target rows from the clusters themselves; "
                           "adapt.head_init=normal does not apply to it")

@@ -118,12 +118,14 @@ class ReIDModel(nn.Module):
         """The backbone's last feature map (B, D, h, w), e.g. 16x8 for 256x128 input at last stride 1."""
         return self.backbone(images)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+    def outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both features in either mode: the pooled one (the triplet's) and the BNNeck's (the ID loss's, retrieval's)."""
         global_feature = self.embedding(self.pooling(self.forward_features(images)))
-        bn_feature = self.bnneck(global_feature)
-        if self.training:
-            return {"global": global_feature, "bn": bn_feature}
-        return bn_feature
+        return {"global": global_feature, "bn": self.bnneck(global_feature)}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        out = self.outputs(images)
+        return out if self.training else out["bn"]
 
 
 def build_model(
