@@ -64,10 +64,16 @@ class BranchHeads(nn.ModuleDict):
             start += len(branch_labels)
         return scored
 
+    def init_source(self, rows: torch.Tensor) -> None:
+        """The source head's rows: the source class centres under the source model."""
+        self["source"].reset_classifier(rows.shape[0], rows)
+
     def set_temperature(self, temperature: float) -> None:
-        """Every head's cosine temperature (adapt.temperature_schedule; settings refuse it for other heads)."""
+        """Every cosine head's temperature (adapt.temperature_schedule; settings refuse it for other heads); a
+        memory or proxies keep their own (adapt.memory_temperature, adapt.proxy_temperature)."""
         for head in self.values():
-            head.temperature = temperature
+            if isinstance(head, ClassifierHead):
+                head.temperature = temperature
 
     def resize(self, num_rows: int, optimizer: torch.optim.Optimizer) -> None:
         """The re-created head at a checkpoint's size, so that its saved rows and Adam moments load into it."""
@@ -88,9 +94,6 @@ class SeparateHeads(BranchHeads):
 
     def __init__(self, build_head: BuildHead, num_source_classes: int, options: Config | None = None):
         super().__init__({"source": build_head(num_source_classes), "target": build_head(1)})
-
-    def init_source(self, rows: torch.Tensor) -> None:
-        self["source"].reset_classifier(rows.shape[0], rows)
 
     def recluster(self, round: Round, optimizer: torch.optim.Optimizer) -> None:
         replace_head(self["target"], optimizer, round.rows)
@@ -183,18 +186,11 @@ class ClusterMemoryHeads(BranchHeads):
         memory = ClusterMemory(source.in_features, options.memory_momentum, options.memory_temperature, options.memory_update == "hard")
         super().__init__({"source": source, "target": memory})
 
-    def init_source(self, rows: torch.Tensor) -> None:
-        self["source"].reset_classifier(rows.shape[0], rows)
-
     def recluster(self, round: Round, optimizer: torch.optim.Optimizer) -> None:
         self["target"].reset_classifier(round.rows.shape[0], round.rows)
 
     def resize(self, num_rows: int, optimizer: torch.optim.Optimizer) -> None:
         self["target"].reset_classifier(num_rows, self["target"].weight.new_zeros(num_rows, self["target"].in_features))
-
-    def set_temperature(self, temperature: float) -> None:
-        """The source head's temperature only: the memory keeps adapt.memory_temperature."""
-        self["source"].temperature = temperature
 
 
 class CameraProxies(nn.Module):
@@ -274,18 +270,11 @@ class CameraProxyHeads(BranchHeads):
         source = Scored(self["source"](features[:n], labels["source"]), labels["source"])
         return {"source": source, "target": Scored(None, labels["target"], self["target"](features[n:], labels["target"], cameras["target"]))}
 
-    def init_source(self, rows: torch.Tensor) -> None:
-        self["source"].reset_classifier(rows.shape[0], rows)
-
     def recluster(self, round: Round, optimizer: torch.optim.Optimizer) -> None:
         self["target"].reset(round.features, round.labels, round.camids)
 
     def resize(self, num_rows: int, optimizer: torch.optim.Optimizer) -> None:
         self["target"].resize(num_rows)
-
-    def set_temperature(self, temperature: float) -> None:
-        """The source head's temperature only: the proxies keep adapt.proxy_temperature."""
-        self["source"].temperature = temperature
 
 
 class TrainNet(nn.Module):
