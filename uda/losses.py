@@ -65,6 +65,14 @@ class CrossBatchMemory:
         self.features, self.labels = features[: self.size], labels[: self.size]
 
 
+def _hardest_pair(dist: Tensor, same_id: Tensor, is_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch-hard mining: per anchor (row), the column of its farthest positive and of its closest negative
+    as (B, 2) indices, and whether it has both (an anchor without one is left out of the losses' means)."""
+    positive = dist.masked_fill(~is_pos, float("-inf")).argmax(1)
+    negative = dist.masked_fill(same_id, float("inf")).argmin(1)
+    return torch.stack([positive, negative], 1), is_pos.any(1) & (~same_id).any(1)
+
+
 def triplet_loss(
     features: Tensor,
     targets: Tensor,
@@ -96,12 +104,9 @@ def triplet_loss(
         dist = torch.cat([dist, _pairwise_euclidean(features, memory.features)], dim=1)
         in_memory = targets[:, None] == memory.labels[None, :]
         same_id, is_pos = torch.cat([same_id, in_memory], dim=1), torch.cat([is_pos, in_memory], dim=1)
-    is_neg = ~same_id
-    has_triplet = is_pos.any(1) & is_neg.any(1)
-
-    hardest_pos = dist.masked_fill(~is_pos, float("-inf")).amax(1)
-    hardest_neg = dist.masked_fill(~is_neg, float("inf")).amin(1)
-    gap = (hardest_pos - hardest_neg)[has_triplet]
+    pair, has_triplet = _hardest_pair(dist, same_id, is_pos)
+    d_ap, d_an = dist.gather(1, pair).unbind(1)
+    gap = (d_ap - d_an)[has_triplet]
     per_anchor = F.softplus(gap) if soft_margin else F.relu(gap + margin)
     return per_anchor.sum() / has_triplet.sum().clamp(min=1)
 
@@ -121,10 +126,7 @@ def soft_triplet_loss(features: Tensor, teacher_features: Tensor, targets: Tenso
     dist = _pairwise_euclidean(features)
     same_id = targets[:, None] == targets[None, :]
     is_pos = same_id & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
-    has_triplet = is_pos.any(1) & (~same_id).any(1)
-    positive = dist.masked_fill(~is_pos, float("-inf")).argmax(1, keepdim=True)
-    negative = dist.masked_fill(same_id, float("inf")).argmin(1, keepdim=True)
-    pair = torch.cat([positive, negative], 1)  # (B, 2)
+    pair, has_triplet = _hardest_pair(dist, same_id, is_pos)
     log_prob = (-dist.gather(1, pair)).log_softmax(1)
     with torch.no_grad():
         target = (-_pairwise_euclidean(teacher_features).gather(1, pair)).softmax(1)
