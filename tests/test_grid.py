@@ -339,21 +339,27 @@ def test_a_bad_variant_setting_stops_the_grid_before_any_stage_runs(grid_file, t
     assert ran == []
 
 
-def test_camera_normalisation_of_a_target_without_cameras_stops_the_grid_before_any_stage_runs(grid_file, tmp_path):
+def test_a_target_without_cameras_stops_a_grid_that_needs_them_before_any_stage_runs(grid_file, tmp_path):
     """adapt refuses it at its start, which in a grid came after the source models had trained."""
     for name in ("a.jpg", "q.jpg", "g.jpg"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "shop.csv").write_text("split,path,pid\ntrain,a.jpg,\nquery,q.jpg,1\ngallery,g.jpg,1\n")
     grid_file.write_text(GRID.replace("target: synth_duke", f"target: {tmp_path / 'shop.csv'}")
-                         .replace("adapt_opts: [adapt.iters=5]", "adapt_opts: [adapt.iters=5, cluster.camera_normalize=false]")
+                         .replace("adapt_opts: [adapt.iters=5]",
+                                  "adapt_opts: [adapt.iters=5, cluster.camera_normalize=false, adapt.classifier=separate]")
                          .replace("  no_erasing: {pretrain_opts: [data.erasing_p=0]}\n", ""))
     grid = gridlib.load_grid(grid_file)
     ran = []
     gridlib.run_grid(grid, [0], tmp_path / "runs", progress=lambda line: None, runner=lambda run, progress: ran.append(run))
-    assert len(ran) == 3  # without camera normalisation the target needs no cameras
+    assert len(ran) == 3  # without camera normalisation or proxies the target needs no cameras
     grid.variants[1].opts.append("cluster.camera_normalize=true")
     ran.clear()
     with pytest.raises(ConfigError, match=r"grid toy, adapt of T=1.0 seed 1: cluster.camera_normalize=true needs camera ids, "
                                           r"and shop \(.*shop.csv\) has none"):
+        gridlib.run_grid(grid, [1], tmp_path / "runs", progress=lambda line: None, runner=lambda run, progress: ran.append(run))
+    assert ran == []
+    grid.variants[1].opts[-1] = "adapt.classifier=proxies"  # a proxy per cluster and camera: the same refusal, adapt's words
+    with pytest.raises(ConfigError, match=r"grid toy, adapt of T=1.0 seed 1: adapt.classifier=proxies keeps a proxy per cluster "
+                                          r"and camera, and shop \(.*shop.csv\) has no camera ids"):
         gridlib.run_grid(grid, [1], tmp_path / "runs", progress=lambda line: None, runner=lambda run, progress: ran.append(run))
     assert ran == []

@@ -233,12 +233,12 @@ def check_same_settings(run: Run) -> None:
 
 def check_planned(grid: Grid, todo: list[Run]) -> None:
     """Every stage still to run gets a config its stage accepts, and a given source model exists: a
-    typo in one variant's opts fails now, not when that variant starts hours into the grid. So does
-    cluster.camera_normalize on your own target data without cameras (adapt's own check)."""
+    typo in one variant's opts fails now, not when that variant starts hours into the grid. So does a setting
+    your own target data cannot serve, such as camera normalisation or proxies without cameras (adapt's check)."""
     if grid.source_model and any(run.stage == "adapt" for run in todo) and not Path(grid.source_model).is_file():
         raise ConfigError(f"grid {grid.name}: source_model {grid.source_model} does not exist; train it first "
                           "(the grid file's header names the command)")
-    from uda.cluster import check_camera_normalize
+    from uda.adapt import check_target
     from uda.data.splits import load_named_dataset
     from uda.datasets import KNOWN_DATASETS
     from uda.datasets.custom import is_custom_dataset
@@ -249,10 +249,10 @@ def check_planned(grid: Grid, todo: list[Run]) -> None:
             cfg = planned_config(run)
             if run.stage == "adapt":
                 name = cfg.data.target  # the built-in datasets all have cameras
-                if cfg.cluster.camera_normalize and name not in KNOWN_DATASETS and is_custom_dataset(name):
+                if name not in KNOWN_DATASETS and is_custom_dataset(name):
                     if name not in targets:
                         targets[name] = load_named_dataset(str(REPO / Path(name).expanduser()), cfg, "target")
-                    check_camera_normalize(True, targets[name])
+                    check_target(cfg, targets[name])
         except ConfigError as exc:
             raise ConfigError(f"grid {grid.name}, {run.stage} of {run.label}: {exc}") from None
 
