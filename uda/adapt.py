@@ -232,10 +232,11 @@ class MeanTeacherAdaptation(Adaptation):
         images, out, scored = joint_forward(self.train_net, batch, cfg, self.device)
         losses = branch_losses(out, scored, cfg, self.cross_batch)
         n = len(images) - len(target_pids)
+        target_pids = target_pids.to(self.device)
         with torch.no_grad():
             teacher = self.teacher.model.outputs(images[n:])
             empty = target_pids.new_empty(0)
-            teacher_logits = self.teacher.heads(teacher["bn"], {"source": empty, "target": target_pids.to(self.device)},
+            teacher_logits = self.teacher.heads(teacher["bn"], {"source": empty, "target": target_pids},
                                                 {"source": empty, "target": target_cams.to(self.device)})["target"].logits
         soft_ce, soft_triplet, weight = cfg.adapt.soft_ce_weight, cfg.adapt.soft_triplet_weight, cfg.loss.target_weight
         if "target_ce" in losses and soft_ce > 0:
@@ -244,7 +245,7 @@ class MeanTeacherAdaptation(Adaptation):
         if "target_triplet" in losses and soft_triplet > 0:
             losses["target_triplet"] = (1 - soft_triplet) * losses["target_triplet"]
             losses["target_soft_triplet"] = weight * cfg.loss.triplet_weight * soft_triplet * soft_triplet_loss(
-                out["global"][n:], teacher["global"], target_pids.to(self.device))
+                out["global"][n:], teacher["global"], target_pids)
         self.student_moved = True  # train_steps steps the optimizer next
         return losses
 
