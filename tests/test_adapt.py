@@ -211,6 +211,25 @@ def test_torchrun_two_processes_adapt_like_one(synth_root, source_model, tmp_pat
     assert abs(sum(gaps) / len(gaps)) <= 0.10, gaps
 
 
+@pytest.mark.parametrize("classifier", ["memory", "proxies"])
+def test_torchrun_two_processes_adapt_with_the_momentum_memories(synth_root, source_model, tmp_path, classifier):
+    """The memory heads gather every process's features inside DDP's forward (test_head_policies checks the
+    values): under torchrun both rounds run to the end, the checkpoint holds the memory's unit rows, and mAP is there."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "uda" / "synth_market2synth_duke.yaml"
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29543"]
+    out = tmp_path / "run"
+    done = subprocess.run([*torchrun, "uda/adapt.py", "--config", str(config), "--source", "synth_market", "--target", "synth_duke",
+                           "--data-root", str(synth_root), "--init", str(source_model), "--output-dir", str(out), "--opts", "device=cpu",
+                           "data.synth_preset=tiny", "data.num_workers=0", "optim.epochs=2", "optim.milestones=[10]", "adapt.iters=10",
+                           "data.num_pids=4", "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=3", f"adapt.classifier={classifier}"],
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert collect(out, "synth_duke")["adapted"]["epoch"] == 2
+    rows = torch.load(out / "last.pth", map_location="cpu", weights_only=False)["net"]["heads.target.weight"]
+    assert rows.shape[0] > 1 and torch.allclose(rows.norm(dim=1), torch.ones(len(rows)), atol=1e-4)
+
+
 def test_a_source_config_is_matched_by_its_exact_name_not_a_prefix(tmp_path, monkeypatch):
     configs = tmp_path / "configs" / "pretrain"
     configs.mkdir(parents=True)

@@ -272,3 +272,41 @@ def test_camera_proxy_policy_trains_the_features_not_the_proxies_nor_the_source_
     assert (grad[0] is None or not grad[0].any()) and grad[1].abs().sum() > 0
     losses = adapt.joint_losses(net, ((*SOURCE, torch.zeros(4, dtype=torch.long)), (*TARGET, torch.tensor([0, 1, 0, 1]))), cfg, torch.device("cpu"))
     assert set(losses) == {"source_ce", "source_triplet", "target_ce", "target_triplet"}
+
+
+
+SHARES = ([2, 1], [0])  # the batch's images (FEATURES rows) on rank 0 and rank 1: cluster 0's hardest (row 0) on rank 1
+PROXY_BATCH = F.normalize(torch.tensor([[0.7, 0.7, 0.1], [0.1, 0.2, 0.9]]), dim=1)  # image r on rank r, labels (0, 1), cameras (1, 0)
+
+
+def _move_memories_on_one_rank(rank: int, store: str, out: str) -> None:
+    """One torchrun-like process: its share of the batch through a hard-update memory and the proxies."""
+    import torch.distributed as dist
+
+    from uda.distributed import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    head = memory(ROWS, momentum=0.1, hard=True).train()
+    head(FEATURES[SHARES[rank]], torch.tensor([0, 1, 0])[SHARES[rank]])
+    camera_head, _ = proxies()
+    camera_head.train()(PROXY_BATCH[[rank]], torch.tensor([rank]), torch.tensor([1 - rank]))
+    torch.save({"memory": head.weight, "proxies": camera_head.weight}, f"{out}{rank}.pt")
+    leave_process_group()  # a barrier first: Gloo can abort a process that leaves while the other still sends
+
+
+def test_under_torchrun_every_process_moves_the_memories_by_the_whole_batch(tmp_path):
+    """Two gloo processes, each with its share of a batch: both end with the memory (hard update) and the
+    camera proxies one process gets from the whole batch, neither its own share's nor the main process's."""
+    one = memory(ROWS, momentum=0.1, hard=True).train()
+    order = SHARES[0] + SHARES[1]
+    one(FEATURES[order], torch.tensor([0, 1, 0])[order])
+    one_proxies, _ = proxies()
+    one_proxies.train()(PROXY_BATCH, torch.tensor([0, 1]), torch.tensor([1, 0]))
+    torch.multiprocessing.spawn(_move_memories_on_one_rank, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2)
+    for rank in (0, 1):
+        moved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.allclose(moved["memory"], one.weight, atol=1e-6), rank
+        assert torch.allclose(moved["proxies"], one_proxies.weight, atol=1e-6), rank
+    main_alone = memory(ROWS, momentum=0.1, hard=True).train()  # what DDP's buffer broadcast alone would leave everywhere
+    main_alone(FEATURES[SHARES[0]], torch.tensor([0, 1, 0])[SHARES[0]])
+    assert not torch.allclose(main_alone.weight, one.weight, atol=1e-3)

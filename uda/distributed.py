@@ -84,6 +84,27 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def gather_batches(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor (rows: this process's share of a batch) concatenated over the
+    processes in rank order, the same on every process; without torchrun, the tensors themselves. The
+    momentum memories move by it, so every process holds the memory one process would with the whole batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    world = dist.get_world_size()
+    count = torch.tensor([len(tensors[0])], device=tensors[0].device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)  # shares may differ in size (a process's last batch): pad to the largest
+    counts = [int(c) for c in counts]
+    gathered = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, counts)]))
+    return tuple(gathered)
+
+
 def leave_process_group() -> None:
     """At a stage's normal end: wait for every process, then destroy the group. A process that exits with
     the group alive can abort in Gloo's threads at interpreter shutdown ("terminate called without an

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uda.config import Config
+from uda.distributed import gather_batches
 from uda.models import ClassifierHead, ReIDModel
 
 TARGET_GROUP = "target_head"  # the optimizer's param group of the re-created rows, found by name
@@ -139,8 +140,8 @@ class ClusterMemory(nn.Module):
     never by the optimizer. "mean": for each image in batch order, row <- normalise(m row + (1 - m) f)
     (their per-instance update); "hard": once per cluster in the batch, with the batch's image least
     similar to the row. Logits cos(f, row) / T are taken before the update; gradients reach the features only.
-    Under torchrun DistributedDataParallel broadcasts buffers from the main process before each forward,
-    so every process holds the main process's memory, updated with its share of the batch."""
+    Under torchrun every process moves the memory by all processes' features (gathered in rank order), so
+    each holds the memory one process would with the whole batch."""
 
     def __init__(self, in_features: int, momentum: float, temperature: float, hard: bool):
         super().__init__()
@@ -161,7 +162,7 @@ class ClusterMemory(nn.Module):
         features = F.normalize(features, dim=1)
         logits = features @ self.weight.clone().T / self.temperature  # backward keeps the clone: the rows change in place
         if self.training and targets is not None:
-            self.weight.copy_(self.updated_rows(features.detach().float(), targets))
+            self.weight.copy_(self.updated_rows(*gather_batches(features.detach().float(), targets)))
         return logits
 
     @torch.no_grad()
@@ -200,7 +201,8 @@ class CameraProxies(nn.Module):
     intra-camera term (a softmax over the proxies of the image's camera, its own proxy the target) plus
     `inter_weight` x the inter-camera term (every proxy of its cluster a positive, against the
     `negatives` most similar proxies of other clusters), both on cos / T: camera-invariant clusters
-    without one camera's style dominating a cluster's centre."""
+    without one camera's style dominating a cluster's centre. Under torchrun the proxies move by every
+    process's images, as ClusterMemory's rows do."""
 
     def __init__(self, in_features: int, momentum: float, temperature: float, inter_weight: float, negatives: int):
         super().__init__()
@@ -243,7 +245,7 @@ class CameraProxies(nn.Module):
         log_prob = logits.masked_fill(~(positive | hard_negative), float("-inf")).log_softmax(1)
         inter = -(log_prob.masked_fill(~positive, 0).sum(1) / positive.sum(1)).mean()
         if self.training:
-            self.weight.copy_(self.updated_proxies(features.detach().float(), own.float().argmax(1)))
+            self.weight.copy_(self.updated_proxies(*gather_batches(features.detach().float(), own.float().argmax(1))))
         return intra + self.inter_weight * inter
 
     @torch.no_grad()
