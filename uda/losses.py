@@ -65,6 +65,12 @@ class CrossBatchMemory:
         self.features, self.labels = features[: self.size], labels[: self.size]
 
 
+def _pair_masks(targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, B) masks of the batch's pairs: same id, and same id without the anchor itself (its positives)."""
+    same_id = targets[:, None] == targets[None, :]
+    return same_id, same_id & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+
+
 def _hardest_pair(dist: Tensor, same_id: Tensor, is_pos: Tensor) -> tuple[Tensor, Tensor]:
     """Batch-hard mining: per anchor (row), the column of its farthest positive and of its closest negative
     as (B, 2) indices, and whether it has both (an anchor without one is left out of the losses' means)."""
@@ -98,8 +104,7 @@ def triplet_loss(
         raise ConfigError(f"triplet margin={margin} is negative; use e.g. 0.3")
     features = features.float()
     dist = _pairwise_euclidean(features)
-    same_id = targets[:, None] == targets[None, :]
-    is_pos = same_id & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+    same_id, is_pos = _pair_masks(targets)
     if memory is not None and memory.features is not None:
         dist = torch.cat([dist, _pairwise_euclidean(features, memory.features)], dim=1)
         in_memory = targets[:, None] == memory.labels[None, :]
@@ -124,8 +129,7 @@ def soft_triplet_loss(features: Tensor, teacher_features: Tensor, targets: Tenso
     anchors that have both. Soft targets instead of a margin: how much closer p is than n under the teacher."""
     features, teacher_features = features.float(), teacher_features.detach().float()
     dist = _pairwise_euclidean(features)
-    same_id = targets[:, None] == targets[None, :]
-    is_pos = same_id & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+    same_id, is_pos = _pair_masks(targets)
     pair, has_triplet = _hardest_pair(dist, same_id, is_pos)
     log_prob = (-dist.gather(1, pair)).log_softmax(1)
     with torch.no_grad():
