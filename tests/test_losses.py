@@ -117,6 +117,34 @@ def test_triplet_with_memory_matches_brute_force_over_batch_and_memory():
     assert torch.allclose(grad.double(), expected_grad, atol=1e-6)
 
 
+XBM_SHARES = ({"features": [[0.0]], "labels": [0]}, {"features": [[10.0], [11.0]], "labels": [1, 2]}), \
+    ({"features": [[1.0]], "labels": [3]}, {"features": [[12.0]], "labels": [4]})  # two steps' shares of rank 0, 1
+
+
+def _fill_cross_batch_memory_on_one_rank(rank: int, store: str, out: str) -> None:
+    """One torchrun-like process: its share of two steps' target features into a 4-image XBM."""
+    import torch.distributed as dist
+
+    from uda.distributed import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    memory = CrossBatchMemory(size=4)
+    for step in XBM_SHARES:
+        memory.enqueue(torch.tensor(step[rank]["features"]), torch.tensor(step[rank]["labels"]))
+    torch.save({"features": memory.features, "labels": memory.labels}, f"{out}{rank}.pt")
+    leave_process_group()
+
+
+def test_under_torchrun_the_cross_batch_memory_holds_every_process_features(tmp_path):
+    """Shares of unequal size (1 and 2 images, then 1 and 1): both processes hold the newest 4 of all of
+    them, each step's in rank order: step 1's (1, 12) before step 0's (0, 10; 11 dropped)."""
+    torch.multiprocessing.spawn(_fill_cross_batch_memory_on_one_rank, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2)
+    for rank in (0, 1):
+        held = torch.load(tmp_path / f"rank{rank}.pt")
+        assert held["features"].flatten().tolist() == [1.0, 12.0, 0.0, 10.0], rank
+        assert held["labels"].tolist() == [3, 4, 0, 1], rank
+
+
 def test_cross_batch_memory_keeps_the_newest_features_and_reid_losses_feed_it():
     memory = CrossBatchMemory(size=5)
     for step in range(3):  # 3 batches of 2: the oldest image drops out

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uda.config import Config
+from uda.distributed import gather_batches
 from uda.errors import ConfigError
 
 
@@ -48,7 +49,8 @@ class CrossBatchMemory:
     """XBM (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020): the last `size` features of
     the target batches (detached, newest first) and their pseudo-labels, so a small CPU batch's triplet also
     finds its hardest positive and negative among a few thousand recent images. The features drift slowly
-    under a small lr, which is what makes the stale ones usable. Emptied each round (the labels change)."""
+    under a small lr, which is what makes the stale ones usable. Emptied each round (the labels change).
+    Under torchrun it holds every process's features (gathered in rank order), the same in all processes."""
 
     def __init__(self, size: int):
         self.size = size
@@ -59,7 +61,7 @@ class CrossBatchMemory:
         self.labels: Tensor | None = None
 
     def enqueue(self, features: Tensor, labels: Tensor) -> None:
-        features, labels = features.detach().float(), labels.detach()
+        features, labels = gather_batches(features.detach().float(), labels.detach())
         if self.features is not None:
             features, labels = torch.cat([features, self.features]), torch.cat([labels, self.labels])
         self.features, self.labels = features[: self.size], labels[: self.size]
