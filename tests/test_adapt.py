@@ -211,17 +211,19 @@ def test_torchrun_two_processes_adapt_like_one(synth_root, source_model, tmp_pat
     assert abs(sum(gaps) / len(gaps)) <= 0.10, gaps
 
 
-@pytest.mark.parametrize("classifier", ["memory", "proxies"])
-def test_torchrun_two_processes_adapt_with_the_momentum_memories(synth_root, source_model, tmp_path, classifier):
+@pytest.mark.parametrize("classifier, source_weight", [("memory", 1), ("proxies", 1), ("memory", 0)])
+def test_torchrun_two_processes_adapt_with_the_momentum_memories(synth_root, source_model, tmp_path, classifier, source_weight):
     """The memory heads gather every process's features inside DDP's forward (test_head_policies checks the
-    values): under torchrun both rounds run to the end, the checkpoint holds the memory's unit rows, and mAP is there."""
+    values): under torchrun both rounds run to the end, the checkpoint holds the memory's unit rows, and mAP is there.
+    With loss.source_weight=0 DDP must not wait for the unused source head's gradient."""
     config = Path(__file__).resolve().parents[1] / "configs" / "uda" / "synth_market2synth_duke.yaml"
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29543"]
     out = tmp_path / "run"
     done = subprocess.run([*torchrun, "uda/adapt.py", "--config", str(config), "--source", "synth_market", "--target", "synth_duke",
                            "--data-root", str(synth_root), "--init", str(source_model), "--output-dir", str(out), "--opts", "device=cpu",
                            "data.synth_preset=tiny", "data.num_workers=0", "optim.epochs=2", "optim.milestones=[10]", "adapt.iters=10",
-                           "data.num_pids=4", "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=3", f"adapt.classifier={classifier}"],
+                           "data.num_pids=4", "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=3", f"adapt.classifier={classifier}",
+                           f"loss.source_weight={source_weight}"],
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -56,6 +56,8 @@ VARIANTS = {  # all switches at once: two runs cover every policy and setting th
                "cluster.method=kmeans", "cluster.num_clusters=12"],
     "proxies": ["adapt.classifier=proxies", "adapt.proxy_negatives=5", "adapt.proxy_inter_weight=1.0", "adapt.temperature_schedule=grow",
                 "model.frozen_blocks=2", "cluster.method=kmeans", "cluster.num_clusters=12"],
+    "target_only": ["loss.source_weight=0", "adapt.classifier=separate", "adapt.temperature_schedule=grow", "model.frozen_blocks=2",
+                    "cluster.method=kmeans", "cluster.num_clusters=12"],
     "mean_teacher": ["adapt.teacher_momentum=0.9", "adapt.soft_triplet_weight=0.5", "adapt.classifier=memory", "adapt.xbm_size=96",
                      "adapt.temperature_schedule=grow", "cluster.method=kmeans", "cluster.num_clusters=12"],
 }
@@ -73,11 +75,13 @@ def test_every_variant_runs_and_resumes_exactly(name, synth_root, source_model, 
     assert straight == cut and straight[-1]["clusters"]["num_clusters"] == 12 and straight[-1]["clusters"]["outlier_fraction"] == 0
     a, b = (torch.load(tmp_path / folder / "last.pth", weights_only=False) for folder in ("straight", "cut"))
     rows = {"merged": a["num_clusters"] > 12, "memory": a["num_clusters"] == 12, "proxies": a["num_clusters"] >= 12,  # + source rows; + cameras
-            "mean_teacher": a["num_clusters"] == 12}
+            "mean_teacher": a["num_clusters"] == 12, "target_only": a["num_clusters"] == 12}
     assert a["num_clusters"] == b["num_clusters"] and rows[name]
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
     assert ("teacher" in a) == (name == "mean_teacher") and all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a.get("teacher", {}))
-    assert "temperature 0.1693" in (tmp_path / "straight" / "log.txt").read_text()  # epoch 2 of the growing schedule
+    log = (tmp_path / "straight" / "log.txt").read_text()
+    assert "temperature 0.1693" in log  # epoch 2 of the growing schedule
+    assert ("source_ce" in log) == (name != "target_only")  # loss.source_weight=0: no source batch, no source loss
 
 
 def test_the_cross_batch_memory_changes_the_target_triplet(synth_root, source_model, tmp_path):

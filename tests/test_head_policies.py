@@ -61,6 +61,22 @@ def test_merged_head_scores_both_domains_on_one_weight_with_offset_target_labels
     assert grad_source[:5].abs().sum() > 0 and grad_source[5:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("policy, offset", [("separate", 0), ("merged", 5)])
+def test_without_a_source_batch_the_step_is_the_target_images_alone(policy, offset):
+    """loss.source_weight=0 (a target-only loop) feeds no source batch: the forward, BatchNorm's batch statistics
+    included, sees the target images only, and the losses are the target branch's, by hand."""
+    net, cfg, _ = policy_net(policy, 5, 3, "loss.source_weight=0", "loss.label_smoothing=0")
+    target = (*TARGET, torch.zeros(4, dtype=torch.long))
+    alone = adapt.joint_losses(net, (None, target), cfg, torch.device("cpu"))
+    assert set(alone) == {"target_ce", "target_triplet"}
+    with torch.no_grad():
+        bn = net.model(TARGET[0])["bn"]
+        logits = F.normalize(bn, dim=1) @ F.normalize(net.heads[net.heads.reclustered].weight, dim=1).T / 0.1
+    assert alone["target_ce"].item() == pytest.approx(F.cross_entropy(logits, TARGET[1] + offset).item(), rel=1e-5)
+    joint = adapt.joint_losses(net, ((*SOURCE, torch.zeros(4, dtype=torch.long)), target), cfg, torch.device("cpu"))
+    assert joint["target_ce"].item() != pytest.approx(alone["target_ce"].item(), rel=1e-3)  # there BatchNorm also saw the source
+
+
 def test_merged_recluster_keeps_the_trained_source_rows_and_replaces_the_cluster_rows():
     net, _, optimizer = policy_net("merged", 5, 3)
     source_rows = net.heads["merged"].weight.detach()[:5].clone()

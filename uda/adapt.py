@@ -90,15 +90,19 @@ class Adaptation:
         self.true_ids = np.array([r.orig_pid for r in self.target_train]) if target.train_labelled else None  # diagnostics only
         self.camids = torch.tensor([r.camid for r in self.target_train])  # cameras are known without labels
         self.memory_loader = make_plain_loader(self.target_train, cfg, self.target_images)
-        self.source_loader = make_train_loader(source_train, cfg, source_images, rank=dist.rank, world_size=dist.world_size,
-                                               num_iterations=cfg.adapt.iters)
+        self.source_loader = None  # loss.source_weight=0: the target branch alone (Cluster Contrast's loop), half the step
+        if cfg.loss.source_weight > 0:
+            self.source_loader = make_train_loader(source_train, cfg, source_images, rank=dist.rank, world_size=dist.world_size,
+                                                   num_iterations=cfg.adapt.iters)
         self.test_sets = [make_test_set(target, cfg, device)]
 
         num_source_classes = len({r.pid for r in source_train})
         self.cross_batch = CrossBatchMemory(cfg.adapt.xbm_size) if cfg.adapt.xbm_size else None  # the target triplet's XBM
         self.heads = HEAD_POLICIES[cfg.adapt.classifier](partial(build_classifier, cfg, model.feature_dim), num_source_classes, cfg.adapt)
         net = TrainNet(model, self.heads).to(device)
-        if not run.resuming:  # the source rows start from the source class centres under the source model
+        if not self.source_loader and "source" in self.heads:
+            self.heads["source"].requires_grad_(False)  # never scored: neither trained nor awaited by DDP
+        elif not run.resuming:  # the source rows start from the source class centres under the source model
             source_ids = torch.tensor([r.pid for r in source_train])
             features = memory_features(model, make_plain_loader(source_train, cfg, source_images), cfg, device, "source memory")
             self.heads.init_source(initial_rows(cluster_centers(features, source_ids).to(device), cfg.adapt.head_init, stream_seed(cfg.seed, 1000)))
@@ -128,9 +132,13 @@ class Adaptation:
                                           num_iterations=cfg.adapt.iters, stream=1)
         lr = self.schedule.lr(epoch)
         set_lr(self.optimizer, lr)
-        self.source_loader.sampler.set_epoch(epoch)
         target_loader.sampler.set_epoch(epoch)
-        losses = train_steps(zip(self.source_loader, target_loader), self.step_losses, [self.optimizer], num_steps=cfg.adapt.iters,
+        if self.source_loader:
+            self.source_loader.sampler.set_epoch(epoch)
+            batches = zip(self.source_loader, target_loader)
+        else:
+            batches = ((None, target) for target in target_loader)
+        losses = train_steps(batches, self.step_losses, [self.optimizer], num_steps=cfg.adapt.iters,
                              device=self.device, amp_dtype=self.amp, desc=f"epoch {epoch + 1}/{self.epochs}")
         scheduled = {"temperature": self.temperature} if cfg.adapt.temperature_schedule != "fixed" else {}
         return {"train": {**losses, "lr": lr, **scheduled}, "clusters": clusters.stats}
@@ -283,8 +291,12 @@ def joint_losses(train_net: torch.nn.Module, batch, cfg: Config, device: torch.d
 
 
 def joint_forward(train_net: torch.nn.Module, batch, cfg: Config, device: torch.device):
-    """(the images, source rows first; the model's outputs; {branch: Scored}) of one forward of both batches."""
-    (source_images, source_pids, source_cams, *_), (target_images, target_pids, target_cams, *_) = batch
+    """(the images, source rows first; the model's outputs; {branch: Scored}) of one forward of both batches
+    (a source batch of None: the target's alone, with an empty source branch)."""
+    source, (target_images, target_pids, target_cams, *_) = batch
+    if source is None:
+        source = target_images[:0], target_pids[:0], target_cams[:0]
+    source_images, source_pids, source_cams, *_ = source
     images = torch.cat([source_images, target_images]).to(device, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -294,11 +306,14 @@ def joint_forward(train_net: torch.nn.Module, batch, cfg: Config, device: torch.
 
 
 def branch_losses(out: dict, scored: dict, cfg: Config, cross_batch: CrossBatchMemory | None = None) -> dict[str, torch.Tensor]:
-    """Each branch's weighted CE + triplet on its rows of the batch (the target's triplet also against `cross_batch`)."""
+    """Each branch's weighted CE + triplet on its rows of the batch (the target's triplet also against `cross_batch`);
+    a branch without rows (the source under loss.source_weight=0) has no loss."""
     losses, start = {}, 0
     for branch, (logits, labels, id_loss) in scored.items():
         rows = slice(start, start + len(labels))
         start += len(labels)
+        if not len(labels):
+            continue
         weighted = reid_losses(out["global"][rows], logits, labels, cfg.loss, prefix=f"{branch}_", id_loss=id_loss,
                                memory=cross_batch if branch == "target" else None)
         losses.update({name: cfg.loss[f"{branch}_weight"] * value for name, value in weighted.items()})
