@@ -100,7 +100,7 @@ class Adaptation:
         self.cross_batch = CrossBatchMemory(cfg.adapt.xbm_size) if cfg.adapt.xbm_size else None  # the target triplet's XBM
         self.heads = HEAD_POLICIES[cfg.adapt.classifier](partial(build_classifier, cfg, model.feature_dim), num_source_classes, cfg.adapt)
         net = TrainNet(model, self.heads).to(device)
-        if not self.source_loader and "source" in self.heads:
+        if self.source_loader is None and "source" in self.heads:
             self.heads["source"].requires_grad_(False)  # never scored: neither trained nor awaited by DDP
         elif not run.resuming:  # the source rows start from the source class centres under the source model
             source_ids = torch.tensor([r.pid for r in source_train])
@@ -133,7 +133,7 @@ class Adaptation:
         lr = self.schedule.lr(epoch)
         set_lr(self.optimizer, lr)
         target_loader.sampler.set_epoch(epoch)
-        if self.source_loader:
+        if self.source_loader is not None:
             self.source_loader.sampler.set_epoch(epoch)
             batches = zip(self.source_loader, target_loader)
         else:
